@@ -83,10 +83,20 @@ impl Channel {
     /// Receive and decode one message. A packet larger than [`MAX_FRAME`] is
     /// discarded whole and reported as [`CodecError::Oversized`].
     pub fn recv<M: Decode<()>>(&mut self) -> Result<M, ChannelError> {
+        self.recv_flags(MsgFlags::empty())
+    }
+
+    /// Like [`Channel::recv`], but never blocks, whatever the socket's mode:
+    /// [`ChannelError::WouldBlock`] when no packet is waiting.
+    pub fn try_recv<M: Decode<()>>(&mut self) -> Result<M, ChannelError> {
+        self.recv_flags(MsgFlags::MSG_DONTWAIT)
+    }
+
+    fn recv_flags<M: Decode<()>>(&mut self, flags: MsgFlags) -> Result<M, ChannelError> {
         let n = loop {
             // MSG_TRUNC makes recv return the packet's real length even when
             // it did not fit, so oversized packets are detected, not split.
-            match socket::recv(self.fd.as_raw_fd(), &mut self.buf, MsgFlags::MSG_TRUNC) {
+            match socket::recv(self.fd.as_raw_fd(), &mut self.buf, MsgFlags::MSG_TRUNC | flags) {
                 Ok(n) => break n,
                 Err(nix::errno::Errno::EINTR) => continue,
                 Err(nix::errno::Errno::EAGAIN) => return Err(ChannelError::WouldBlock),
