@@ -20,6 +20,7 @@ use vsnd_ipc::{
 };
 
 use crate::control::{stream_direction, SndModel, JACKS};
+use vsnd_ipc::lifecycle::PcmState;
 use crate::sg::{split_chain, Chain, Sg};
 use crate::virtio_snd::*;
 
@@ -450,8 +451,15 @@ impl SndBackend {
             }
             Direction::Input => self.rx_pending.clear(),
         }
-        if self.model.reset_stream(dir) {
-            self.send(&DeviceMsg::Release { direction: dir });
+        // Walk the broker's copy of the stream along legal transitions to
+        // Released, so both sides agree again.
+        match self.model.reset_stream(dir) {
+            PcmState::Running => {
+                self.send(&DeviceMsg::Stop { direction: dir });
+                self.send(&DeviceMsg::Release { direction: dir });
+            }
+            PcmState::Prepared | PcmState::Stopped => self.send(&DeviceMsg::Release { direction: dir }),
+            PcmState::Initial | PcmState::ParamsSet | PcmState::Released => {}
         }
     }
 }

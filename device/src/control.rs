@@ -4,7 +4,7 @@
 
 use vsnd_ipc::{Capabilities, DeviceMsg, Direction, GateState, PcmParams, MAX_BUFFER_BYTES};
 
-use crate::stream::{PcmCommand, Stream};
+use vsnd_ipc::lifecycle::{PcmCommand, PcmState, Stream};
 use crate::virtio_snd::*;
 
 /// Streams this device exposes: id 0 is the output, id 1 the input. Both
@@ -93,13 +93,13 @@ impl SndModel {
         }
     }
 
-    /// Forget a stream's state (its queue was stopped by the frontend).
-    /// True if it had left the initial state.
-    pub fn reset_stream(&mut self, d: Direction) -> bool {
+    /// Forget a stream's state (its queue was stopped by the frontend);
+    /// returns the state it was in.
+    pub fn reset_stream(&mut self, d: Direction) -> PcmState {
         let s = self.stream_mut(d);
-        let was_used = s.state() != crate::stream::PcmState::Initial;
+        let was = s.state();
         *s = Stream::default();
-        was_used
+        was
     }
 
     /// The broker changed its flags (the jacks follow them).
@@ -465,7 +465,7 @@ mod tests {
             let o = m.handle(req, 64);
             assert_eq!(status(&o), *want as u32, "request {req:?}");
             assert!(o.effect.is_none());
-            assert_eq!(m.stream(Direction::Output).state(), crate::stream::PcmState::Initial);
+            assert_eq!(m.stream(Direction::Output).state(), PcmState::Initial);
         }
         let mut m = model();
         let o = m.handle(&ok, 64);

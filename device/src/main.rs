@@ -6,7 +6,6 @@
 mod backend;
 mod control;
 mod sg;
-mod stream;
 mod virtio_snd;
 
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};

@@ -14,6 +14,7 @@
 
 pub mod channel;
 pub mod codec;
+pub mod lifecycle;
 pub mod message;
 
 pub use channel::{socketpair, Channel, ChannelError};

@@ -1,4 +1,6 @@
-//! The PCM stream state machine of virtio 1.2, 5.14.6.6.1.
+//! The PCM stream state machine of virtio 1.2, 5.14.6.6.1, shared by the
+//! device (which answers the guest) and the broker (which checks that the
+//! device's messages follow it).
 //!
 //! ```text
 //! (initial) --SET_PARAMS--> ParamsSet --PREPARE--> Prepared --START--> Running
@@ -13,7 +15,7 @@
 //! STOP from Running; RELEASE from Prepared, Stopped. Anything else is
 //! answered `BAD_MSG` and leaves the state unchanged.
 
-use vsnd_ipc::PcmParams;
+use crate::PcmParams;
 
 /// Where a stream is in its lifecycle.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -106,7 +108,7 @@ impl Stream {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use vsnd_ipc::SampleFormat;
+    use crate::SampleFormat;
     use PcmCommand as C;
     use PcmState as S;
 

@@ -1,0 +1,42 @@
+//! Host audio backends. The session paces every stream by the broker's
+//! clock and consults the gate; a backend only moves bytes.
+
+pub mod file;
+pub mod null;
+
+use vsnd_ipc::{Capabilities, PcmParams, SampleFormat};
+
+/// Rates (Hz) the null and file backends accept: every virtio rate from
+/// 8 kHz to 192 kHz.
+pub const RATES: [u32; 12] = [8000, 11025, 16000, 22050, 32000, 44100, 48000, 64000, 88200, 96000, 176400, 192000];
+
+/// Most channels the null and file backends accept.
+pub const MAX_CHANNELS: u8 = 8;
+
+/// What the null and file backends support: everything, since they move
+/// raw bytes.
+pub fn raw_capabilities() -> Capabilities {
+    Capabilities {
+        formats: SampleFormat::ALL.to_vec(),
+        rates: RATES.to_vec(),
+        channels_min: 1,
+        channels_max: MAX_CHANNELS,
+    }
+}
+
+/// A host audio backend.
+pub trait Audio {
+    /// What PCM_INFO advertises.
+    fn capabilities(&self) -> Capabilities;
+
+    /// Playback data consumed at the real-time rate, only while output is
+    /// enabled. `params` are the stream's parameters.
+    fn play(&mut self, params: &PcmParams, data: &[u8]);
+
+    /// Fill `buf` with host capture data; called only while input is
+    /// enabled and a capture stream runs.
+    fn capture(&mut self, params: &PcmParams, buf: &mut [u8]);
+
+    /// Input was disabled or its stream released: close the host source.
+    fn close_capture(&mut self);
+}

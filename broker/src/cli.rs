@@ -1,0 +1,109 @@
+//! The command line of vsnd-broker: drop-in for vhost-device-sound users
+//! (`--socket`, `--socket-fd`, `--backend`, `--streams`), plus vsnd's own.
+
+use std::path::PathBuf;
+
+use clap::{ArgGroup, Parser, ValueEnum};
+
+/// Host audio backends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum BackendKind {
+    /// No host audio: playback is discarded and capture is silence, both at
+    /// the real-time rate.
+    Null,
+    /// Playback appended to --playback-file, capture read from
+    /// --capture-file (raw PCM in the guest's format), at the real-time rate.
+    File,
+}
+
+/// vsnd-broker: a vhost-user virtio-sound device for VMs, split so that the
+/// process parsing guest requests never holds the host audio connection and
+/// never decides whether the microphone is on.
+#[derive(Debug, Parser)]
+#[command(name = "vsnd-broker", version, about, long_about = None)]
+#[command(group(ArgGroup::new("listener").required(true).args(["socket", "socket_fd"])))]
+pub struct Cli {
+    /// Path of the vhost-user socket to create and listen on (for QEMU's
+    /// `-chardev socket,path=PATH`).
+    #[arg(long, value_name = "PATH")]
+    pub socket: Option<PathBuf>,
+
+    /// An already listening Unix socket inherited from the parent (e.g.
+    /// systemd socket activation), instead of --socket.
+    #[arg(long, value_name = "FD")]
+    pub socket_fd: Option<i32>,
+
+    /// Host audio backend.
+    #[arg(long, value_enum, default_value = "null")]
+    pub backend: BackendKind,
+
+    /// Which directions are enabled at start: a comma-separated list of
+    /// `output` and `input`, or `none`. The microphone (input) is off unless
+    /// listed here.
+    #[arg(long, visible_alias = "streams", value_name = "LIST", default_value = "output")]
+    pub initial_streams: String,
+
+    /// File backend: append everything the guest plays to this file (raw
+    /// PCM in the guest's format; a WAV file, rewritten at start, if the
+    /// name ends in `.wav`).
+    #[arg(long, value_name = "PATH")]
+    pub playback_file: Option<PathBuf>,
+
+    /// File backend: the guest records the bytes of this file, as raw PCM in
+    /// the format it asked for, looping at the end.
+    #[arg(long, value_name = "PATH")]
+    pub capture_file: Option<PathBuf>,
+
+    /// The vsnd-device executable (default: `vsnd-device` next to this
+    /// program).
+    #[arg(long, value_name = "PATH")]
+    pub device_path: Option<PathBuf>,
+}
+
+/// Parse `--initial-streams`: returns (output, input).
+pub fn parse_streams(list: &str) -> Result<(bool, bool), String> {
+    let (mut output, mut input) = (false, false);
+    for item in list.split(',').map(str::trim) {
+        match item {
+            "output" => output = true,
+            "input" => input = true,
+            "none" | "" => {}
+            other => {
+                return Err(format!(
+                    "unknown stream {other:?} in --initial-streams {list:?}: use `output`, `input`, `output,input` or `none`"
+                ))
+            }
+        }
+    }
+    Ok((output, input))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn streams() {
+        assert_eq!(parse_streams("output"), Ok((true, false)));
+        assert_eq!(parse_streams("output,input"), Ok((true, true)));
+        assert_eq!(parse_streams("input"), Ok((false, true)));
+        assert_eq!(parse_streams("none"), Ok((false, false)));
+        assert!(parse_streams("mic").is_err());
+    }
+
+    #[test]
+    fn streams_alias_and_default() {
+        let c = Cli::try_parse_from(["vsnd-broker", "--socket", "/x"]).unwrap();
+        assert_eq!(c.initial_streams, "output");
+        let c = Cli::try_parse_from(["vsnd-broker", "--socket", "/x", "--streams", "input"]).unwrap();
+        assert_eq!(c.initial_streams, "input");
+        assert!(Cli::try_parse_from(["vsnd-broker"]).is_err());
+        assert!(Cli::try_parse_from(["vsnd-broker", "--socket", "/x", "--socket-fd", "3"]).is_err());
+    }
+}

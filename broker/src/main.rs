@@ -1,0 +1,186 @@
+//! vsnd-broker: the program users run. It holds the host audio backend and
+//! the enable flags, and supervises the unprivileged vsnd-device that talks
+//! to the VM.
+
+mod audio;
+mod cli;
+mod gate;
+mod session;
+mod supervisor;
+
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::fs::FileTypeExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::error::ErrorKind;
+use clap::{CommandFactory, Parser};
+use log::{error, info, warn};
+
+use audio::{file::FileAudio, null::Null, Audio};
+use cli::{BackendKind, Cli};
+use gate::Gate;
+use supervisor::{handled_signals, RunEnd, Supervisor};
+
+/// Exit status for bad arguments or an environment that cannot work
+/// (nothing was started).
+const EXIT_USAGE: u8 = 2;
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    let cli = Cli::parse();
+
+    // Before anything else (and before any thread): our signals are read from
+    // a signalfd, never delivered asynchronously.
+    if let Err(e) = handled_signals().thread_block() {
+        eprintln!("vsnd-broker: cannot block signals: {e}");
+        return ExitCode::FAILURE;
+    }
+
+    let prepared = match prepare(&cli) {
+        Ok(p) => p,
+        Err(msg) => {
+            let mut cmd = Cli::command();
+            cmd.error(ErrorKind::InvalidValue, msg).print().ok();
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    let Prepared { listener, created_socket, device_path, audio, gate } = prepared;
+
+    let mut sup = match Supervisor::new(listener, device_path, audio, gate) {
+        Ok(s) => s,
+        Err(e) => {
+            error!("cannot set up signal handling: {e}");
+            remove_socket(created_socket.as_deref());
+            return ExitCode::FAILURE;
+        }
+    };
+    let end = sup.run();
+    remove_socket(created_socket.as_deref());
+    match end {
+        RunEnd::Shutdown => {
+            info!("stopped");
+            ExitCode::SUCCESS
+        }
+        RunEnd::Fatal(msg) => {
+            error!("{msg}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+struct Prepared {
+    listener: OwnedFd,
+    created_socket: Option<PathBuf>,
+    device_path: PathBuf,
+    audio: Box<dyn Audio>,
+    gate: Gate,
+}
+
+/// Check every argument and open every resource; the socket is bound last,
+/// so that a bad argument leaves nothing behind.
+fn prepare(cli: &Cli) -> Result<Prepared, String> {
+    let (output, input) = cli::parse_streams(&cli.initial_streams)?;
+
+    let audio: Box<dyn Audio> = match cli.backend {
+        BackendKind::Null => {
+            if cli.playback_file.is_some() || cli.capture_file.is_some() {
+                return Err("--playback-file and --capture-file need --backend file".into());
+            }
+            Box::new(Null)
+        }
+        BackendKind::File => {
+            if cli.playback_file.is_none() && cli.capture_file.is_none() {
+                return Err("--backend file needs --playback-file and/or --capture-file".into());
+            }
+            Box::new(FileAudio::open(cli.playback_file.as_deref(), cli.capture_file.as_deref())?)
+        }
+    };
+
+    let device_path = match &cli.device_path {
+        Some(p) => p.clone(),
+        None => std::env::current_exe()
+            .map_err(|e| format!("cannot find this program's location: {e}; pass --device-path"))?
+            .with_file_name("vsnd-device"),
+    };
+    check_executable(&device_path)?;
+
+    let (listener, created_socket) = match (&cli.socket, cli.socket_fd) {
+        (Some(path), None) => (bind_socket(path)?, Some(path.clone())),
+        (None, Some(fd)) => (inherit_socket(fd)?, None),
+        _ => return Err("give exactly one of --socket PATH and --socket-fd FD".into()),
+    };
+    match &created_socket {
+        Some(p) => info!("listening on {}", p.display()),
+        None => info!("listening on inherited socket fd {}", listener.as_raw_fd()),
+    }
+    let gate = Gate::new(output, input);
+    Ok(Prepared { listener, created_socket, device_path, audio, gate })
+}
+
+fn check_executable(p: &Path) -> Result<(), String> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta = std::fs::metadata(p).map_err(|e| {
+        format!("vsnd-device not found at {} ({e}): install it beside vsnd-broker or pass --device-path", p.display())
+    })?;
+    if !meta.is_file() || meta.permissions().mode() & 0o111 == 0 {
+        return Err(format!("{} is not an executable file (--device-path)", p.display()));
+    }
+    Ok(())
+}
+
+fn bind_socket(path: &Path) -> Result<OwnedFd, String> {
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if !meta.file_type().is_socket() {
+            return Err(format!("{} exists and is not a socket; refusing to replace it", path.display()));
+        }
+        if UnixStream::connect(path).is_ok() {
+            return Err(format!("{} is in use: another process is listening on it", path.display()));
+        }
+        warn!("removing stale socket {}", path.display());
+        std::fs::remove_file(path).map_err(|e| format!("cannot remove stale socket {}: {e}", path.display()))?;
+    }
+    let l = UnixListener::bind(path).map_err(|e| format!("cannot listen on {}: {e}", path.display()))?;
+    Ok(OwnedFd::from(l))
+}
+
+fn inherit_socket(fd: i32) -> Result<OwnedFd, String> {
+    use nix::sys::socket::{getsockopt, sockopt};
+    if fd < 3 {
+        return Err(format!("--socket-fd {fd} is a standard stream, not a listening socket"));
+    }
+    // SAFETY: F_GETFD only asks whether the number is an open descriptor.
+    if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+        return Err(format!("--socket-fd {fd} is not an open file descriptor"));
+    }
+    // SAFETY: fd is open (checked above) and handed to us by our parent; we
+    // take ownership of it.
+    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    match getsockopt(&owned, sockopt::AcceptConn) {
+        Ok(true) => {}
+        Ok(false) => return Err(format!("--socket-fd {fd} is a socket but is not listening")),
+        Err(_) => return Err(format!("--socket-fd {fd} is not a socket")),
+    }
+    match getsockopt(&owned, sockopt::SockType) {
+        Ok(nix::sys::socket::SockType::Stream) => {}
+        _ => return Err(format!("--socket-fd {fd} is not a stream socket")),
+    }
+    // The device accepts with blocking calls; a non-blocking listener would
+    // make it spin.
+    let flags = nix::fcntl::fcntl(&owned, nix::fcntl::FcntlArg::F_GETFL).map_err(|e| e.to_string())?;
+    let mut flags = nix::fcntl::OFlag::from_bits_truncate(flags);
+    flags.remove(nix::fcntl::OFlag::O_NONBLOCK);
+    nix::fcntl::fcntl(&owned, nix::fcntl::FcntlArg::F_SETFL(flags)).map_err(|e| e.to_string())?;
+    nix::fcntl::fcntl(&owned, nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC))
+        .map_err(|e| e.to_string())?;
+    Ok(owned)
+}
+
+fn remove_socket(path: Option<&Path>) {
+    if let Some(p) = path {
+        if let Err(e) = std::fs::remove_file(p) {
+            warn!("cannot remove {}: {e}", p.display());
+        }
+    }
+}

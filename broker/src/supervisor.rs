@@ -1,0 +1,310 @@
+//! Spawning and supervising vsnd-device.
+//!
+//! The device gets exactly two descriptors (3: the vhost-user listener,
+//! 4: its end of the SEQPACKET channel), an empty environment except
+//! `RUST_LOG`, and stderr for its log. It serves one frontend connection and
+//! exits; a fresh one is started for the next. A crash is logged and the
+//! device restarted with backoff; the listener stays open throughout, so a
+//! VM can always reconnect.
+
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use log::{debug, error, info, warn};
+use nix::poll::{PollFd, PollFlags};
+use nix::sys::signal::{SigSet, Signal};
+use nix::sys::signalfd::{SfdFlags, SignalFd};
+use nix::sys::time::TimeSpec;
+use vsnd_ipc::{socketpair, Channel};
+
+use crate::audio::Audio;
+use crate::gate::Gate;
+use crate::session::{Session, SessionError};
+
+/// First restart delay after a crash; doubles up to [`MAX_BACKOFF`].
+const MIN_BACKOFF: Duration = Duration::from_millis(100);
+/// Longest restart delay.
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// A device that ran this long resets the backoff.
+const STABLE_RUN: Duration = Duration::from_secs(10);
+/// How long a device may take to exit after closing its channel or being
+/// asked to stop.
+const EXIT_GRACE: Duration = Duration::from_secs(1);
+
+/// Exit status of vsnd-device for a protocol version mismatch.
+const DEVICE_EXIT_VERSION_MISMATCH: i32 = 3;
+
+/// The signals the broker handles; blocked and read from a signalfd.
+pub fn handled_signals() -> SigSet {
+    let mut s = SigSet::empty();
+    s.add(Signal::SIGTERM);
+    s.add(Signal::SIGINT);
+    s.add(Signal::SIGCHLD);
+    s
+}
+
+/// How the broker's run ended.
+pub enum RunEnd {
+    /// SIGTERM or SIGINT.
+    Shutdown,
+    /// An error no restart can fix.
+    Fatal(String),
+}
+
+enum DeviceEnd {
+    Shutdown,
+    Exited { status: ExitStatus, reason: Option<String> },
+    Fatal(String),
+}
+
+/// Everything the supervisor needs.
+pub struct Supervisor {
+    listener: OwnedFd,
+    device_path: PathBuf,
+    audio: Box<dyn Audio>,
+    gate: Gate,
+    signals: SignalFd,
+}
+
+impl Supervisor {
+    /// `signals` must already be blocked in this thread.
+    pub fn new(listener: OwnedFd, device_path: PathBuf, audio: Box<dyn Audio>, gate: Gate) -> io::Result<Self> {
+        let signals = SignalFd::with_flags(&handled_signals(), SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK)
+            .map_err(io::Error::from)?;
+        Ok(Supervisor { listener, device_path, audio, gate, signals })
+    }
+
+    /// Run until SIGTERM/SIGINT or a fatal error.
+    pub fn run(&mut self) -> RunEnd {
+        let mut backoff = MIN_BACKOFF;
+        loop {
+            let started = Instant::now();
+            let end = match self.spawn() {
+                Ok((child, ch)) => self.serve(child, ch),
+                Err(e) => DeviceEnd::Exited {
+                    status: ExitStatus::from_raw(1 << 8),
+                    reason: Some(format!("cannot start {}: {e}", self.device_path.display())),
+                },
+            };
+            match end {
+                DeviceEnd::Shutdown => return RunEnd::Shutdown,
+                DeviceEnd::Fatal(msg) => return RunEnd::Fatal(msg),
+                DeviceEnd::Exited { status, reason } => {
+                    if status.code() == Some(DEVICE_EXIT_VERSION_MISMATCH) {
+                        return RunEnd::Fatal(format!(
+                            "{} does not speak this broker's protocol (see its log above): \
+                             install vsnd-broker and vsnd-device from the same release",
+                            self.device_path.display()
+                        ));
+                    }
+                    if status.success() && reason.is_none() {
+                        info!("device exited after its frontend disconnected; ready for the next connection");
+                        backoff = MIN_BACKOFF;
+                        continue;
+                    }
+                    if started.elapsed() >= STABLE_RUN {
+                        backoff = MIN_BACKOFF;
+                    }
+                    let why = reason.unwrap_or_else(|| describe_status(status));
+                    warn!("device stopped ({why}); restarting in {} ms", backoff.as_millis());
+                    if self.sleep(backoff) {
+                        return RunEnd::Shutdown;
+                    }
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                }
+            }
+        }
+    }
+
+    fn spawn(&self) -> io::Result<(Child, Channel)> {
+        let (ours, theirs) = socketpair()?;
+        let child = spawn_device(&self.device_path, self.listener.as_fd(), theirs.as_fd())?;
+        drop(theirs);
+        info!("device started (pid {})", child.id());
+        Ok((child, Channel::new(ours)))
+    }
+
+    /// Wait `d`, watching for SIGTERM/SIGINT; true if one came.
+    fn sleep(&mut self, d: Duration) -> bool {
+        let deadline = Instant::now() + d;
+        loop {
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            let mut fds = [PollFd::new(self.signals.as_fd(), PollFlags::POLLIN)];
+            let _ = nix::poll::ppoll(&mut fds, Some(TimeSpec::from_duration(deadline - now)), None);
+            if self.read_signals().0 {
+                return true;
+            }
+        }
+    }
+
+    /// Drain the signalfd: (shutdown requested, a child changed state).
+    fn read_signals(&mut self) -> (bool, bool) {
+        let (mut stop, mut child) = (false, false);
+        while let Ok(Some(info)) = self.signals.read_signal() {
+            match Signal::try_from(info.ssi_signo as i32) {
+                Ok(Signal::SIGTERM | Signal::SIGINT) => {
+                    info!("signal {}: shutting down", info.ssi_signo);
+                    stop = true;
+                }
+                Ok(Signal::SIGCHLD) => child = true,
+                _ => {}
+            }
+        }
+        (stop, child)
+    }
+
+    fn serve(&mut self, mut child: Child, ch: Channel) -> DeviceEnd {
+        let mut session = match Session::new(ch, self.audio.capabilities(), self.gate.state()) {
+            Ok(s) => s,
+            Err(e) => return stop_device(&mut child, Some(e.to_string())),
+        };
+        loop {
+            let now = Instant::now();
+            if let Err(e) = session.on_tick(self.audio.as_mut(), now) {
+                return self.session_failed(&mut child, e);
+            }
+            let timeout = session.next_deadline().map(|d| TimeSpec::from_duration(d.saturating_duration_since(now)));
+            let mut flags = PollFlags::POLLIN;
+            if session.wants_write() {
+                flags |= PollFlags::POLLOUT;
+            }
+            let (sig_ready, ch_events) = {
+                let mut fds = [
+                    PollFd::new(self.signals.as_fd(), PollFlags::POLLIN),
+                    PollFd::new(session.channel().as_fd(), flags),
+                ];
+                match nix::poll::ppoll(&mut fds, timeout, None) {
+                    Ok(_) => {}
+                    Err(nix::errno::Errno::EINTR) => continue,
+                    Err(e) => return DeviceEnd::Fatal(format!("poll failed: {e}")),
+                }
+                (
+                    fds[0].revents().unwrap_or(PollFlags::empty()).contains(PollFlags::POLLIN),
+                    fds[1].revents().unwrap_or(PollFlags::empty()),
+                )
+            };
+            if sig_ready {
+                let (stop, _) = self.read_signals();
+                if stop {
+                    let _ = stop_device(&mut child, None);
+                    return DeviceEnd::Shutdown;
+                }
+                if let Ok(Some(status)) = child.try_wait() {
+                    // Whatever it left in the channel no longer matters.
+                    return DeviceEnd::Exited { status, reason: None };
+                }
+            }
+            let now = Instant::now();
+            if ch_events.contains(PollFlags::POLLOUT) {
+                if let Err(e) = session.on_writable() {
+                    return self.session_failed(&mut child, e);
+                }
+            }
+            if ch_events.intersects(PollFlags::POLLIN | PollFlags::POLLHUP | PollFlags::POLLERR) {
+                if let Err(e) = session.on_readable(self.audio.as_mut(), now) {
+                    return self.session_failed(&mut child, e);
+                }
+            }
+        }
+    }
+
+    fn session_failed(&mut self, child: &mut Child, e: SessionError) -> DeviceEnd {
+        match e {
+            SessionError::Closed => {
+                // The device is exiting on its own; give it a moment.
+                let status = wait_timeout(child, EXIT_GRACE);
+                match status {
+                    Some(status) => DeviceEnd::Exited { status, reason: None },
+                    None => stop_device(child, Some("closed its channel but did not exit".into())),
+                }
+            }
+            SessionError::VersionMismatch { .. } => {
+                let _ = stop_device(child, None);
+                DeviceEnd::Fatal(e.to_string())
+            }
+            SessionError::Violation(_) | SessionError::Io(_) => {
+                error!("{e}; killing the device");
+                stop_device(child, Some(e.to_string()))
+            }
+        }
+    }
+}
+
+fn describe_status(s: ExitStatus) -> String {
+    match (s.code(), s.signal()) {
+        (Some(c), _) => format!("exit status {c}"),
+        (_, Some(sig)) => {
+            let name = Signal::try_from(sig).map(|s| s.as_str()).unwrap_or("unknown");
+            format!("killed by signal {sig} ({name})")
+        }
+        _ => format!("{s}"),
+    }
+}
+
+fn wait_timeout(child: &mut Child, d: Duration) -> Option<ExitStatus> {
+    let deadline = Instant::now() + d;
+    loop {
+        match child.try_wait() {
+            Ok(Some(s)) => return Some(s),
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(5)),
+            _ => return None,
+        }
+    }
+}
+
+/// Stop the device: SIGTERM, then SIGKILL after a grace period; reap it.
+fn stop_device(child: &mut Child, reason: Option<String>) -> DeviceEnd {
+    if let Ok(Some(status)) = child.try_wait() {
+        return DeviceEnd::Exited { status, reason };
+    }
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    let _ = nix::sys::signal::kill(pid, Signal::SIGTERM);
+    let status = wait_timeout(child, EXIT_GRACE).or_else(|| {
+        let _ = child.kill();
+        child.wait().ok()
+    });
+    debug!("device {} stopped: {status:?}", pid);
+    DeviceEnd::Exited { status: status.unwrap_or(ExitStatus::from_raw(9)), reason }
+}
+
+/// fork+exec the device with the listener as fd 3 and the channel as fd 4,
+/// every other descriptor above 2 closed at exec, and a clean environment.
+fn spawn_device(path: &Path, listener: BorrowedFd<'_>, ipc: BorrowedFd<'_>) -> io::Result<Child> {
+    let mut cmd = Command::new(path);
+    cmd.args(["--listen-fd", "3", "--ipc-fd", "4"])
+        .env_clear()
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit());
+    if let Ok(v) = std::env::var("RUST_LOG") {
+        cmd.env("RUST_LOG", v);
+    }
+    let (lfd, ifd) = (listener.as_raw_fd(), ipc.as_raw_fd());
+    // SAFETY: the closure runs in the forked child before exec and only makes
+    // async-signal-safe system calls (fcntl, dup2, close_range) on integers.
+    unsafe {
+        cmd.pre_exec(move || {
+            // Move both out of the way first so that neither target number
+            // clobbers the other, then into place; dup2 clears FD_CLOEXEC.
+            let l = libc::fcntl(lfd, libc::F_DUPFD_CLOEXEC, 10);
+            let i = libc::fcntl(ifd, libc::F_DUPFD_CLOEXEC, 10);
+            if l < 0 || i < 0 || libc::dup2(l, 3) < 0 || libc::dup2(i, 4) < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            // Everything from 5 up closes at exec (std's own error pipe
+            // included, after it has done its job).
+            if libc::syscall(libc::SYS_close_range, 5u32, u32::MAX, libc::CLOSE_RANGE_CLOEXEC) < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    cmd.spawn()
+}
