@@ -40,7 +40,12 @@ pub struct Cli {
     /// Which directions are enabled at start: a comma-separated list of
     /// `output` and `input`, or `none`. The microphone (input) is off unless
     /// listed here.
-    #[arg(long, visible_alias = "streams", value_name = "LIST", default_value = "output")]
+    #[arg(
+        long,
+        visible_alias = "streams",
+        value_name = "LIST",
+        default_value = "output"
+    )]
     pub initial_streams: String,
 
     /// File backend: append everything the guest plays to this file (raw
@@ -101,9 +106,12 @@ mod tests {
     fn streams_alias_and_default() {
         let c = Cli::try_parse_from(["vsnd-broker", "--socket", "/x"]).unwrap();
         assert_eq!(c.initial_streams, "output");
-        let c = Cli::try_parse_from(["vsnd-broker", "--socket", "/x", "--streams", "input"]).unwrap();
+        let c =
+            Cli::try_parse_from(["vsnd-broker", "--socket", "/x", "--streams", "input"]).unwrap();
         assert_eq!(c.initial_streams, "input");
         assert!(Cli::try_parse_from(["vsnd-broker"]).is_err());
-        assert!(Cli::try_parse_from(["vsnd-broker", "--socket", "/x", "--socket-fd", "3"]).is_err());
+        assert!(
+            Cli::try_parse_from(["vsnd-broker", "--socket", "/x", "--socket-fd", "3"]).is_err()
+        );
     }
 }

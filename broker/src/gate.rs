@@ -41,9 +41,15 @@ impl Gate {
     /// The flags at start-up (from `--initial-streams`), logged as the first
     /// audit record.
     pub fn new(output: bool, input: bool) -> Self {
-        let gate = Gate { state: GateState { output, input } };
+        let gate = Gate {
+            state: GateState { output, input },
+        };
         for d in Direction::ALL {
-            info!("audit: {d} {} (source: {})", on_off(gate.state.get(d)), Source::StartUp);
+            info!(
+                "audit: {d} {} (source: {})",
+                on_off(gate.state.get(d)),
+                Source::StartUp
+            );
         }
         gate
     }

@@ -46,7 +46,13 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_USAGE);
         }
     };
-    let Prepared { listener, created_socket, device_path, audio, gate } = prepared;
+    let Prepared {
+        listener,
+        created_socket,
+        device_path,
+        audio,
+        gate,
+    } = prepared;
 
     let mut sup = match Supervisor::new(listener, device_path, audio, gate) {
         Ok(s) => s,
@@ -94,7 +100,10 @@ fn prepare(cli: &Cli) -> Result<Prepared, String> {
             if cli.playback_file.is_none() && cli.capture_file.is_none() {
                 return Err("--backend file needs --playback-file and/or --capture-file".into());
             }
-            Box::new(FileAudio::open(cli.playback_file.as_deref(), cli.capture_file.as_deref())?)
+            Box::new(FileAudio::open(
+                cli.playback_file.as_deref(),
+                cli.capture_file.as_deref(),
+            )?)
         }
     };
 
@@ -116,7 +125,13 @@ fn prepare(cli: &Cli) -> Result<Prepared, String> {
         None => info!("listening on inherited socket fd {}", listener.as_raw_fd()),
     }
     let gate = Gate::new(output, input);
-    Ok(Prepared { listener, created_socket, device_path, audio, gate })
+    Ok(Prepared {
+        listener,
+        created_socket,
+        device_path,
+        audio,
+        gate,
+    })
 }
 
 fn check_executable(p: &Path) -> Result<(), String> {
@@ -125,7 +140,10 @@ fn check_executable(p: &Path) -> Result<(), String> {
         format!("vsnd-device not found at {} ({e}): install it beside vsnd-broker or pass --device-path", p.display())
     })?;
     if !meta.is_file() || meta.permissions().mode() & 0o111 == 0 {
-        return Err(format!("{} is not an executable file (--device-path)", p.display()));
+        return Err(format!(
+            "{} is not an executable file (--device-path)",
+            p.display()
+        ));
     }
     Ok(())
 }
@@ -133,22 +151,32 @@ fn check_executable(p: &Path) -> Result<(), String> {
 fn bind_socket(path: &Path) -> Result<OwnedFd, String> {
     if let Ok(meta) = std::fs::symlink_metadata(path) {
         if !meta.file_type().is_socket() {
-            return Err(format!("{} exists and is not a socket; refusing to replace it", path.display()));
+            return Err(format!(
+                "{} exists and is not a socket; refusing to replace it",
+                path.display()
+            ));
         }
         if UnixStream::connect(path).is_ok() {
-            return Err(format!("{} is in use: another process is listening on it", path.display()));
+            return Err(format!(
+                "{} is in use: another process is listening on it",
+                path.display()
+            ));
         }
         warn!("removing stale socket {}", path.display());
-        std::fs::remove_file(path).map_err(|e| format!("cannot remove stale socket {}: {e}", path.display()))?;
+        std::fs::remove_file(path)
+            .map_err(|e| format!("cannot remove stale socket {}: {e}", path.display()))?;
     }
-    let l = UnixListener::bind(path).map_err(|e| format!("cannot listen on {}: {e}", path.display()))?;
+    let l = UnixListener::bind(path)
+        .map_err(|e| format!("cannot listen on {}: {e}", path.display()))?;
     Ok(OwnedFd::from(l))
 }
 
 fn inherit_socket(fd: i32) -> Result<OwnedFd, String> {
     use nix::sys::socket::{getsockopt, sockopt};
     if fd < 3 {
-        return Err(format!("--socket-fd {fd} is a standard stream, not a listening socket"));
+        return Err(format!(
+            "--socket-fd {fd} is a standard stream, not a listening socket"
+        ));
     }
     // SAFETY: F_GETFD only asks whether the number is an open descriptor.
     if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
@@ -168,12 +196,16 @@ fn inherit_socket(fd: i32) -> Result<OwnedFd, String> {
     }
     // The device accepts with blocking calls; a non-blocking listener would
     // make it spin.
-    let flags = nix::fcntl::fcntl(&owned, nix::fcntl::FcntlArg::F_GETFL).map_err(|e| e.to_string())?;
+    let flags =
+        nix::fcntl::fcntl(&owned, nix::fcntl::FcntlArg::F_GETFL).map_err(|e| e.to_string())?;
     let mut flags = nix::fcntl::OFlag::from_bits_truncate(flags);
     flags.remove(nix::fcntl::OFlag::O_NONBLOCK);
     nix::fcntl::fcntl(&owned, nix::fcntl::FcntlArg::F_SETFL(flags)).map_err(|e| e.to_string())?;
-    nix::fcntl::fcntl(&owned, nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC))
-        .map_err(|e| e.to_string())?;
+    nix::fcntl::fcntl(
+        &owned,
+        nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+    )
+    .map_err(|e| e.to_string())?;
     Ok(owned)
 }
 

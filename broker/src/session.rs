@@ -16,8 +16,9 @@ use std::time::{Duration, Instant};
 use log::{debug, info};
 use vsnd_ipc::lifecycle::{PcmCommand, PcmState, Stream};
 use vsnd_ipc::{
-    codec, BrokerMsg, Capabilities, Channel, ChannelError, DeviceMsg, Direction, GateState, PcmParams,
-    MAGIC, MAX_BUFFER_BYTES, MAX_PCM_CHUNK, MAX_PENDING_CAPTURE, MAX_QUEUED_PLAYBACK_BYTES, PROTOCOL_VERSION,
+    codec, BrokerMsg, Capabilities, Channel, ChannelError, DeviceMsg, Direction, GateState,
+    PcmParams, MAGIC, MAX_BUFFER_BYTES, MAX_PCM_CHUNK, MAX_PENDING_CAPTURE,
+    MAX_QUEUED_PLAYBACK_BYTES, PROTOCOL_VERSION,
 };
 
 use crate::audio::Audio;
@@ -66,7 +67,10 @@ struct Clock {
 
 impl Clock {
     fn new(now: Instant) -> Self {
-        Clock { anchor: now, done: 0 }
+        Clock {
+            anchor: now,
+            done: 0,
+        }
     }
 
     /// Whole frames' worth of bytes due by `now` and not yet accounted.
@@ -74,7 +78,9 @@ impl Clock {
         let elapsed = now.saturating_duration_since(self.anchor).as_nanos();
         let frames = elapsed * u128::from(p.rate) / 1_000_000_000;
         let bytes = frames * u128::from(p.frame_bytes());
-        u64::try_from(bytes).unwrap_or(u64::MAX).saturating_sub(self.done)
+        u64::try_from(bytes)
+            .unwrap_or(u64::MAX)
+            .saturating_sub(self.done)
     }
 
     /// When `more` bytes beyond those accounted will be due.
@@ -135,7 +141,8 @@ pub struct Session {
 impl Session {
     /// Start a session on a fresh channel; the device speaks first.
     pub fn new(ch: Channel, caps: Capabilities, gate: GateState) -> Result<Self, SessionError> {
-        ch.set_nonblocking(true).map_err(|e| SessionError::Io(e.to_string()))?;
+        ch.set_nonblocking(true)
+            .map_err(|e| SessionError::Io(e.to_string()))?;
         Ok(Session {
             ch,
             outbox: VecDeque::new(),
@@ -236,7 +243,12 @@ impl Session {
         Ok(())
     }
 
-    fn handle(&mut self, msg: DeviceMsg, audio: &mut dyn Audio, now: Instant) -> Result<(), SessionError> {
+    fn handle(
+        &mut self,
+        msg: DeviceMsg,
+        audio: &mut dyn Audio,
+        now: Instant,
+    ) -> Result<(), SessionError> {
         if !self.greeted {
             return match msg {
                 DeviceMsg::Hello { magic, version } if magic == MAGIC => {
@@ -260,7 +272,9 @@ impl Session {
             DeviceMsg::SetParams { direction, params } => {
                 self.check_params(&params)?;
                 let stream = self.stream_mut(direction);
-                stream.set_params(params).or_else(|e| violation(format!("{direction}: {e:?}")))?;
+                stream
+                    .set_params(params)
+                    .or_else(|e| violation(format!("{direction}: {e:?}")))?;
                 debug!("{direction}: params {params:?}");
                 match direction {
                     Direction::Output => self.playback.params = Some(params),
@@ -268,11 +282,19 @@ impl Session {
                 }
                 Ok(())
             }
-            DeviceMsg::Prepare { direction } => self.command(direction, PcmCommand::Prepare, audio, now),
-            DeviceMsg::Start { direction } => self.command(direction, PcmCommand::Start, audio, now),
+            DeviceMsg::Prepare { direction } => {
+                self.command(direction, PcmCommand::Prepare, audio, now)
+            }
+            DeviceMsg::Start { direction } => {
+                self.command(direction, PcmCommand::Start, audio, now)
+            }
             DeviceMsg::Stop { direction } => self.command(direction, PcmCommand::Stop, audio, now),
-            DeviceMsg::Release { direction } => self.command(direction, PcmCommand::Release, audio, now),
-            DeviceMsg::Playback { buffer, last, data } => self.playback_data(buffer, last, data, now),
+            DeviceMsg::Release { direction } => {
+                self.command(direction, PcmCommand::Release, audio, now)
+            }
+            DeviceMsg::Playback { buffer, last, data } => {
+                self.playback_data(buffer, last, data, now)
+            }
             DeviceMsg::Capture { buffer, len } => self.capture_request(buffer, len, now),
         }
     }
@@ -300,9 +322,17 @@ impl Session {
         }
     }
 
-    fn command(&mut self, d: Direction, c: PcmCommand, audio: &mut dyn Audio, now: Instant) -> Result<(), SessionError> {
+    fn command(
+        &mut self,
+        d: Direction,
+        c: PcmCommand,
+        audio: &mut dyn Audio,
+        now: Instant,
+    ) -> Result<(), SessionError> {
         let stream = self.stream_mut(d);
-        stream.apply(c).or_else(|e| violation(format!("{d}: {:?} in state {:?}", e.command, e.from)))?;
+        stream
+            .apply(c)
+            .or_else(|e| violation(format!("{d}: {:?} in state {:?}", e.command, e.from)))?;
         info!("{d} stream: {c:?}");
         match (d, c) {
             (Direction::Output, PcmCommand::Start) => {
@@ -333,9 +363,18 @@ impl Session {
         Ok(())
     }
 
-    fn playback_data(&mut self, buffer: u64, last: bool, data: Vec<u8>, now: Instant) -> Result<(), SessionError> {
+    fn playback_data(
+        &mut self,
+        buffer: u64,
+        last: bool,
+        data: Vec<u8>,
+        now: Instant,
+    ) -> Result<(), SessionError> {
         let pb = &mut self.playback;
-        if !matches!(pb.stream.state(), PcmState::Prepared | PcmState::Running | PcmState::Stopped) {
+        if !matches!(
+            pb.stream.state(),
+            PcmState::Prepared | PcmState::Running | PcmState::Stopped
+        ) {
             return violation(format!("playback data in state {:?}", pb.stream.state()));
         }
         if data.len() > MAX_PCM_CHUNK {
@@ -348,19 +387,28 @@ impl Session {
         }
         pb.queued = pb.queued.saturating_add(data.len());
         if pb.queued > MAX_QUEUED_PLAYBACK_BYTES {
-            return violation(format!("more than {MAX_QUEUED_PLAYBACK_BYTES} playback bytes queued"));
+            return violation(format!(
+                "more than {MAX_QUEUED_PLAYBACK_BYTES} playback bytes queued"
+            ));
         }
         pb.open_buffer = if last { None } else { Some(buffer) };
         if pb.queue.is_empty() {
             restart_if_starved(&mut pb.clock, pb.params.as_ref(), now);
         }
-        pb.queue.push_back(Chunk { data, pos: 0, ends: last.then_some(buffer) });
+        pb.queue.push_back(Chunk {
+            data,
+            pos: 0,
+            ends: last.then_some(buffer),
+        });
         Ok(())
     }
 
     fn capture_request(&mut self, buffer: u64, len: u32, now: Instant) -> Result<(), SessionError> {
         let cap = &mut self.capture;
-        if !matches!(cap.stream.state(), PcmState::Prepared | PcmState::Running | PcmState::Stopped) {
+        if !matches!(
+            cap.stream.state(),
+            PcmState::Prepared | PcmState::Running | PcmState::Stopped
+        ) {
             return violation(format!("capture request in state {:?}", cap.stream.state()));
         }
         if len > MAX_BUFFER_BYTES {
@@ -385,11 +433,15 @@ impl Session {
     fn tick_playback(&mut self, audio: &mut dyn Audio, now: Instant) -> Result<(), SessionError> {
         let output_on = self.gate.output;
         let pb = &mut self.playback;
-        let (Some(mut clock), Some(params)) = (pb.clock, pb.params) else { return Ok(()) };
+        let (Some(mut clock), Some(params)) = (pb.clock, pb.params) else {
+            return Ok(());
+        };
         let mut budget = clock.due(now, &params);
         let mut done = Vec::new();
         while budget > 0 {
-            let Some(chunk) = pb.queue.front_mut() else { break };
+            let Some(chunk) = pb.queue.front_mut() else {
+                break;
+            };
             let avail = chunk.data.len().saturating_sub(chunk.pos);
             let n = avail.min(usize::try_from(budget).unwrap_or(usize::MAX));
             if let Some(bytes) = chunk.data.get(chunk.pos..chunk.pos + n) {
@@ -411,16 +463,20 @@ impl Session {
         pb.clock = Some(clock);
         let latency = u32::try_from(pb.queued).unwrap_or(u32::MAX);
         for buffer in done {
-            self.send(&BrokerMsg::PlaybackDone { buffer, latency_bytes: latency })?;
+            self.send(&BrokerMsg::PlaybackDone {
+                buffer,
+                latency_bytes: latency,
+            })?;
         }
         Ok(())
     }
 
     fn tick_capture(&mut self, audio: &mut dyn Audio, now: Instant) -> Result<(), SessionError> {
         let input_on = self.gate.input;
-        let (Some(mut clock), Some(params)) = (self.capture.clock, self.capture.params) else { return Ok(()) };
-        loop {
-            let Some(req) = self.capture.queue.front() else { break };
+        let (Some(mut clock), Some(params)) = (self.capture.clock, self.capture.params) else {
+            return Ok(());
+        };
+        while let Some(req) = self.capture.queue.front() {
             if clock.due(now, &params) < u64::from(req.len) {
                 break;
             }
@@ -443,11 +499,19 @@ impl Session {
             }
             let mut chunks = data.chunks(MAX_PCM_CHUNK).peekable();
             if chunks.peek().is_none() {
-                self.send(&BrokerMsg::CaptureData { buffer, last: true, data: Vec::new() })?;
+                self.send(&BrokerMsg::CaptureData {
+                    buffer,
+                    last: true,
+                    data: Vec::new(),
+                })?;
             }
             while let Some(c) = chunks.next() {
                 let last = chunks.peek().is_none();
-                self.send(&BrokerMsg::CaptureData { buffer, last, data: c.to_vec() })?;
+                self.send(&BrokerMsg::CaptureData {
+                    buffer,
+                    last,
+                    data: c.to_vec(),
+                })?;
             }
             self.scratch = data;
         }

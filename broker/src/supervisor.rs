@@ -57,7 +57,10 @@ pub enum RunEnd {
 
 enum DeviceEnd {
     Shutdown,
-    Exited { status: ExitStatus, reason: Option<String> },
+    Exited {
+        status: ExitStatus,
+        reason: Option<String>,
+    },
     Fatal(String),
 }
 
@@ -72,10 +75,24 @@ pub struct Supervisor {
 
 impl Supervisor {
     /// `signals` must already be blocked in this thread.
-    pub fn new(listener: OwnedFd, device_path: PathBuf, audio: Box<dyn Audio>, gate: Gate) -> io::Result<Self> {
-        let signals = SignalFd::with_flags(&handled_signals(), SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK)
-            .map_err(io::Error::from)?;
-        Ok(Supervisor { listener, device_path, audio, gate, signals })
+    pub fn new(
+        listener: OwnedFd,
+        device_path: PathBuf,
+        audio: Box<dyn Audio>,
+        gate: Gate,
+    ) -> io::Result<Self> {
+        let signals = SignalFd::with_flags(
+            &handled_signals(),
+            SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK,
+        )
+        .map_err(io::Error::from)?;
+        Ok(Supervisor {
+            listener,
+            device_path,
+            audio,
+            gate,
+            signals,
+        })
     }
 
     /// Run until SIGTERM/SIGINT or a fatal error.
@@ -110,7 +127,10 @@ impl Supervisor {
                         backoff = MIN_BACKOFF;
                     }
                     let why = reason.unwrap_or_else(|| describe_status(status));
-                    warn!("device stopped ({why}); restarting in {} ms", backoff.as_millis());
+                    warn!(
+                        "device stopped ({why}); restarting in {} ms",
+                        backoff.as_millis()
+                    );
                     if self.sleep(backoff) {
                         return RunEnd::Shutdown;
                     }
@@ -137,7 +157,11 @@ impl Supervisor {
                 return false;
             }
             let mut fds = [PollFd::new(self.signals.as_fd(), PollFlags::POLLIN)];
-            let _ = nix::poll::ppoll(&mut fds, Some(TimeSpec::from_duration(deadline - now)), None);
+            let _ = nix::poll::ppoll(
+                &mut fds,
+                Some(TimeSpec::from_duration(deadline - now)),
+                None,
+            );
             if self.read_signals().0 {
                 return true;
             }
@@ -170,7 +194,9 @@ impl Supervisor {
             if let Err(e) = session.on_tick(self.audio.as_mut(), now) {
                 return self.session_failed(&mut child, e);
             }
-            let timeout = session.next_deadline().map(|d| TimeSpec::from_duration(d.saturating_duration_since(now)));
+            let timeout = session
+                .next_deadline()
+                .map(|d| TimeSpec::from_duration(d.saturating_duration_since(now)));
             let mut flags = PollFlags::POLLIN;
             if session.wants_write() {
                 flags |= PollFlags::POLLOUT;
@@ -186,7 +212,10 @@ impl Supervisor {
                     Err(e) => return DeviceEnd::Fatal(format!("poll failed: {e}")),
                 }
                 (
-                    fds[0].revents().unwrap_or(PollFlags::empty()).contains(PollFlags::POLLIN),
+                    fds[0]
+                        .revents()
+                        .unwrap_or(PollFlags::empty())
+                        .contains(PollFlags::POLLIN),
                     fds[1].revents().unwrap_or(PollFlags::empty()),
                 )
             };
@@ -198,7 +227,10 @@ impl Supervisor {
                 }
                 if let Ok(Some(status)) = child.try_wait() {
                     // Whatever it left in the channel no longer matters.
-                    return DeviceEnd::Exited { status, reason: None };
+                    return DeviceEnd::Exited {
+                        status,
+                        reason: None,
+                    };
                 }
             }
             let now = Instant::now();
@@ -221,7 +253,10 @@ impl Supervisor {
                 // The device is exiting on its own; give it a moment.
                 let status = wait_timeout(child, EXIT_GRACE);
                 match status {
-                    Some(status) => DeviceEnd::Exited { status, reason: None },
+                    Some(status) => DeviceEnd::Exited {
+                        status,
+                        reason: None,
+                    },
                     None => stop_device(child, Some("closed its channel but did not exit".into())),
                 }
             }
@@ -241,7 +276,9 @@ fn describe_status(s: ExitStatus) -> String {
     match (s.code(), s.signal()) {
         (Some(c), _) => format!("exit status {c}"),
         (_, Some(sig)) => {
-            let name = Signal::try_from(sig).map(|s| s.as_str()).unwrap_or("unknown");
+            let name = Signal::try_from(sig)
+                .map(|s| s.as_str())
+                .unwrap_or("unknown");
             format!("killed by signal {sig} ({name})")
         }
         _ => format!("{s}"),
@@ -271,7 +308,10 @@ fn stop_device(child: &mut Child, reason: Option<String>) -> DeviceEnd {
         child.wait().ok()
     });
     debug!("device {} stopped: {status:?}", pid);
-    DeviceEnd::Exited { status: status.unwrap_or(ExitStatus::from_raw(9)), reason }
+    DeviceEnd::Exited {
+        status: status.unwrap_or(ExitStatus::from_raw(9)),
+        reason,
+    }
 }
 
 /// fork+exec the device with the listener as fd 3 and the channel as fd 4,
@@ -300,7 +340,13 @@ fn spawn_device(path: &Path, listener: BorrowedFd<'_>, ipc: BorrowedFd<'_>) -> i
             }
             // Everything from 5 up closes at exec (std's own error pipe
             // included, after it has done its job).
-            if libc::syscall(libc::SYS_close_range, 5u32, u32::MAX, libc::CLOSE_RANGE_CLOEXEC) < 0 {
+            if libc::syscall(
+                libc::SYS_close_range,
+                5u32,
+                u32::MAX,
+                libc::CLOSE_RANGE_CLOEXEC,
+            ) < 0
+            {
                 return Err(io::Error::last_os_error());
             }
             Ok(())

@@ -13,16 +13,18 @@ use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRE
 use virtio_queue::QueueOwnedT;
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::event::{new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier};
+use vmm_sys_util::event::{
+    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
+};
 use vsnd_ipc::{
     BrokerMsg, Channel, ChannelError, DeviceMsg, Direction, GateState, MAX_BUFFER_BYTES,
     MAX_PCM_CHUNK, MAX_PENDING_CAPTURE, MAX_QUEUED_PLAYBACK_BYTES,
 };
 
 use crate::control::{stream_direction, SndModel, JACKS};
-use vsnd_ipc::lifecycle::PcmState;
 use crate::sg::{split_chain, Chain, Sg};
 use crate::virtio_snd::*;
+use vsnd_ipc::lifecycle::PcmState;
 
 /// Event id of the broker channel on the worker's epoll (ids up to
 /// NUM_QUEUES are reserved by vhost-user-backend).
@@ -121,7 +123,9 @@ impl SndBackend {
 
     /// Return a chain to the guest; the queue is signalled once per wakeup.
     fn complete(&mut self, vrings: &[VringRwLock], q: u16, head: u16, len: u32) {
-        let Some(vring) = vrings.get(usize::from(q)) else { return };
+        let Some(vring) = vrings.get(usize::from(q)) else {
+            return;
+        };
         match vring.add_used(head, len) {
             Ok(()) => {
                 if let Some(s) = self.to_signal.get_mut(usize::from(q)) {
@@ -149,7 +153,9 @@ impl SndBackend {
     /// notifications, re-check for buffers that arrived meanwhile, so no
     /// queue is ever left with unseen buffers.
     fn process_queue(&mut self, q: u16, vrings: &[VringRwLock]) {
-        let Some(vring) = vrings.get(usize::from(q)) else { return };
+        let Some(vring) = vrings.get(usize::from(q)) else {
+            return;
+        };
         loop {
             if self.event_idx {
                 let _ = vring.disable_notification();
@@ -167,11 +173,20 @@ impl SndBackend {
 
     /// Pop every available chain of queue `q`.
     fn drain_queue(&mut self, q: u16, vrings: &[VringRwLock]) {
-        let Some(vring) = vrings.get(usize::from(q)) else { return };
-        let Some(atomic) = self.mem.clone() else { return };
+        let Some(vring) = vrings.get(usize::from(q)) else {
+            return;
+        };
+        let Some(atomic) = self.mem.clone() else {
+            return;
+        };
         let mem = atomic.memory();
         loop {
-            let popped = vring.get_mut().get_queue_mut().iter(&*mem).ok().and_then(|mut it| it.next());
+            let popped = vring
+                .get_mut()
+                .get_queue_mut()
+                .iter(&*mem)
+                .ok()
+                .and_then(|mut it| it.next());
             let Some(chain) = popped else { break };
             let head = chain.head_index();
             let parts = match split_chain(chain) {
@@ -224,7 +239,13 @@ impl SndBackend {
         self.complete(vrings, CONTROL_QUEUE, head, len);
     }
 
-    fn hold_event_buffer(&mut self, mem: &GuestMemoryMmap, vrings: &[VringRwLock], head: u16, c: Chain) {
+    fn hold_event_buffer(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        vrings: &[VringRwLock],
+        head: u16,
+        c: Chain,
+    ) {
         if c.writable.len() < EVENT_SIZE as u64 {
             return self.complete(vrings, EVENT_QUEUE, head, 0);
         }
@@ -242,15 +263,31 @@ impl SndBackend {
 
     fn flush_events(&mut self, mem: &GuestMemoryMmap, vrings: &[VringRwLock]) {
         while !self.event_backlog.is_empty() {
-            let Some((head, sg)) = self.event_buffers.pop_front() else { break };
-            let Some(ev) = self.event_backlog.pop_front() else { break };
-            let len = if sg.write_at(mem, 0, &ev).is_ok() { EVENT_SIZE as u32 } else { 0 };
+            let Some((head, sg)) = self.event_buffers.pop_front() else {
+                break;
+            };
+            let Some(ev) = self.event_backlog.pop_front() else {
+                break;
+            };
+            let len = if sg.write_at(mem, 0, &ev).is_ok() {
+                EVENT_SIZE as u32
+            } else {
+                0
+            };
             self.complete(vrings, EVENT_QUEUE, head, len);
         }
     }
 
     /// Complete a transfer at once with only a status (no data).
-    fn refuse(&mut self, mem: &GuestMemoryMmap, vrings: &[VringRwLock], q: u16, head: u16, w: &Sg, st: Status) {
+    fn refuse(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        vrings: &[VringRwLock],
+        q: u16,
+        head: u16,
+        w: &Sg,
+        st: Status,
+    ) {
         let len = write_status(mem, w, st, 0).map_or(0, |()| PCM_STATUS_SIZE as u32);
         self.complete(vrings, q, head, len);
     }
@@ -288,22 +325,38 @@ impl SndBackend {
         }
         let mut data = std::mem::take(&mut self.scratch);
         data.resize(payload as usize, 0);
-        if c.readable.read_at(mem, PCM_XFER_SIZE as u64, &mut data).is_err() {
+        if c.readable
+            .read_at(mem, PCM_XFER_SIZE as u64, &mut data)
+            .is_err()
+        {
             self.scratch = data;
             return self.refuse(mem, vrings, TX_QUEUE, head, &c.writable, Status::BadMsg);
         }
         let buffer = self.next_id();
         if data.is_empty() {
-            self.send(&DeviceMsg::Playback { buffer, last: true, data: Vec::new() });
+            self.send(&DeviceMsg::Playback {
+                buffer,
+                last: true,
+                data: Vec::new(),
+            });
         }
         let mut chunks = data.chunks(MAX_PCM_CHUNK).peekable();
         while let Some(chunk) = chunks.next() {
             let last = chunks.peek().is_none();
-            self.send(&DeviceMsg::Playback { buffer, last, data: chunk.to_vec() });
+            self.send(&DeviceMsg::Playback {
+                buffer,
+                last,
+                data: chunk.to_vec(),
+            });
         }
         self.scratch = data;
         self.tx_queued_bytes = self.tx_queued_bytes.saturating_add(payload);
-        self.tx_pending.push_back(PendingTx { buffer, head, bytes: payload, writable: c.writable });
+        self.tx_pending.push_back(PendingTx {
+            buffer,
+            head,
+            bytes: payload,
+            writable: c.writable,
+        });
     }
 
     fn rx(&mut self, mem: &GuestMemoryMmap, vrings: &[VringRwLock], head: u16, c: Chain) {
@@ -325,7 +378,13 @@ impl SndBackend {
         let buffer = self.next_id();
         let len = len as u32;
         self.send(&DeviceMsg::Capture { buffer, len });
-        self.rx_pending.push_back(PendingRx { buffer, head, len, written: 0, writable: c.writable });
+        self.rx_pending.push_back(PendingRx {
+            buffer,
+            head,
+            len,
+            written: 0,
+            writable: c.writable,
+        });
     }
 
     /// RELEASE, or a queue that stopped: every pending buffer of the stream
@@ -346,8 +405,15 @@ impl SndBackend {
         }
     }
 
-    fn finish_tx(&mut self, p: PendingTx, latency: u32, mem: &GuestMemoryMmap, vrings: &[VringRwLock]) {
-        let len = write_status(mem, &p.writable, Status::Ok, latency).map_or(0, |()| PCM_STATUS_SIZE as u32);
+    fn finish_tx(
+        &mut self,
+        p: PendingTx,
+        latency: u32,
+        mem: &GuestMemoryMmap,
+        vrings: &[VringRwLock],
+    ) {
+        let len = write_status(mem, &p.writable, Status::Ok, latency)
+            .map_or(0, |()| PCM_STATUS_SIZE as u32);
         self.complete(vrings, TX_QUEUE, p.head, len);
     }
 
@@ -380,13 +446,18 @@ impl SndBackend {
 
     fn broker_msg(&mut self, msg: BrokerMsg, mem: &GuestMemoryMmap, vrings: &[VringRwLock]) {
         match msg {
-            BrokerMsg::PlaybackDone { buffer, latency_bytes } => {
+            BrokerMsg::PlaybackDone {
+                buffer,
+                latency_bytes,
+            } => {
                 // Buffers complete in order; anything older was released.
                 while let Some(front) = self.tx_pending.front() {
                     if front.buffer > buffer {
                         break;
                     }
-                    let Some(p) = self.tx_pending.pop_front() else { break };
+                    let Some(p) = self.tx_pending.pop_front() else {
+                        break;
+                    };
                     self.tx_queued_bytes = self.tx_queued_bytes.saturating_sub(p.bytes);
                     let done = p.buffer == buffer;
                     self.finish_tx(p, latency_bytes, mem, vrings);
@@ -402,7 +473,10 @@ impl SndBackend {
                 let room = p.len.saturating_sub(p.written) as usize;
                 let n = data.len().min(room);
                 if let Some(bytes) = data.get(..n) {
-                    if p.writable.write_at(mem, u64::from(p.written), bytes).is_ok() {
+                    if p.writable
+                        .write_at(mem, u64::from(p.written), bytes)
+                        .is_ok()
+                    {
                         p.written = p.written.saturating_add(n as u32);
                     }
                 }
@@ -422,8 +496,19 @@ impl SndBackend {
     fn set_gate(&mut self, gate: GateState, mem: &GuestMemoryMmap, vrings: &[VringRwLock]) {
         for (jack, dir) in JACKS.iter().enumerate() {
             if gate.get(*dir) != self.gate.get(*dir) {
-                let code = if gate.get(*dir) { EVT_JACK_CONNECTED } else { EVT_JACK_DISCONNECTED };
-                info!("{dir} jack {}", if gate.get(*dir) { "connected" } else { "disconnected" });
+                let code = if gate.get(*dir) {
+                    EVT_JACK_CONNECTED
+                } else {
+                    EVT_JACK_DISCONNECTED
+                };
+                info!(
+                    "{dir} jack {}",
+                    if gate.get(*dir) {
+                        "connected"
+                    } else {
+                        "disconnected"
+                    }
+                );
                 self.queue_event(event(code, jack as u32));
             }
         }
@@ -458,14 +543,24 @@ impl SndBackend {
                 self.send(&DeviceMsg::Stop { direction: dir });
                 self.send(&DeviceMsg::Release { direction: dir });
             }
-            PcmState::Prepared | PcmState::Stopped => self.send(&DeviceMsg::Release { direction: dir }),
+            PcmState::Prepared | PcmState::Stopped => {
+                self.send(&DeviceMsg::Release { direction: dir })
+            }
             PcmState::Initial | PcmState::ParamsSet | PcmState::Released => {}
         }
     }
 }
 
-fn write_status(mem: &GuestMemoryMmap, writable: &Sg, st: Status, latency: u32) -> Result<(), crate::sg::ChainError> {
-    let off = writable.len().checked_sub(PCM_STATUS_SIZE as u64).ok_or(crate::sg::ChainError::OutOfRange)?;
+fn write_status(
+    mem: &GuestMemoryMmap,
+    writable: &Sg,
+    st: Status,
+    latency: u32,
+) -> Result<(), crate::sg::ChainError> {
+    let off = writable
+        .len()
+        .checked_sub(PCM_STATUS_SIZE as u64)
+        .ok_or(crate::sg::ChainError::OutOfRange)?;
     writable.write_at(mem, off, &pcm_status(st, latency))
 }
 
@@ -494,7 +589,9 @@ impl VhostUserBackendMut for SndBackend {
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
-        VhostUserProtocolFeatures::CONFIG | VhostUserProtocolFeatures::MQ | VhostUserProtocolFeatures::REPLY_ACK
+        VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::REPLY_ACK
     }
 
     fn set_event_idx(&mut self, enabled: bool) {
@@ -506,7 +603,11 @@ impl VhostUserBackendMut for SndBackend {
         (0..size)
             .map(|i| {
                 let at = u64::from(offset) + u64::from(i);
-                usize::try_from(at).ok().and_then(|a| cfg.get(a)).copied().unwrap_or(0)
+                usize::try_from(at)
+                    .ok()
+                    .and_then(|a| cfg.get(a))
+                    .copied()
+                    .unwrap_or(0)
             })
             .collect()
     }
@@ -536,7 +637,9 @@ impl VhostUserBackendMut for SndBackend {
         _thread_id: usize,
     ) -> io::Result<()> {
         match device_event {
-            q @ (CONTROL_QUEUE | EVENT_QUEUE | TX_QUEUE | RX_QUEUE) => self.process_queue(q, vrings),
+            q @ (CONTROL_QUEUE | EVENT_QUEUE | TX_QUEUE | RX_QUEUE) => {
+                self.process_queue(q, vrings)
+            }
             BROKER_EVENT => self.broker_event(evset, vrings),
             other => debug!("unexpected event {other}"),
         }

@@ -4,8 +4,8 @@
 
 use vsnd_ipc::{Capabilities, DeviceMsg, Direction, GateState, PcmParams, MAX_BUFFER_BYTES};
 
-use vsnd_ipc::lifecycle::{PcmCommand, PcmState, Stream};
 use crate::virtio_snd::*;
+use vsnd_ipc::lifecycle::{PcmCommand, PcmState, Stream};
 
 /// Streams this device exposes: id 0 is the output, id 1 the input. Both
 /// always exist; the broker's gate, not the stream list, decides what flows.
@@ -28,7 +28,9 @@ const LAYOUTS: [&[u8]; 5] = [
     &[CHMAP_FL, CHMAP_FR],
     &[CHMAP_FL, CHMAP_FR, CHMAP_RL, CHMAP_RR],
     &[CHMAP_FL, CHMAP_FR, CHMAP_RL, CHMAP_RR, CHMAP_FC, CHMAP_LFE],
-    &[CHMAP_FL, CHMAP_FR, CHMAP_RL, CHMAP_RR, CHMAP_FC, CHMAP_LFE, CHMAP_SL, CHMAP_SR],
+    &[
+        CHMAP_FL, CHMAP_FR, CHMAP_RL, CHMAP_RR, CHMAP_FC, CHMAP_LFE, CHMAP_SL, CHMAP_SR,
+    ],
 ];
 
 /// Look up a stream by its wire id.
@@ -47,7 +49,10 @@ pub struct ControlOutcome {
 
 impl ControlOutcome {
     fn status(status: Status) -> Self {
-        ControlOutcome { response: (status as u32).to_le_bytes().to_vec(), effect: None }
+        ControlOutcome {
+            response: (status as u32).to_le_bytes().to_vec(),
+            effect: None,
+        }
     }
 }
 
@@ -67,7 +72,10 @@ impl SndModel {
     /// virtio cannot express are dropped; channel counts are clamped to
     /// 1..=8 (the chmaps offered).
     pub fn new(caps: &Capabilities, gate: GateState) -> Self {
-        let formats = caps.formats.iter().fold(0u64, |m, f| m | 1u64 << format_code(*f));
+        let formats = caps
+            .formats
+            .iter()
+            .fold(0u64, |m, f| m | 1u64 << format_code(*f));
         let rates = caps
             .rates
             .iter()
@@ -75,7 +83,14 @@ impl SndModel {
             .fold(0u64, |m, c| m | 1u64 << c);
         let channels_max = caps.channels_max.clamp(1, 8);
         let channels_min = caps.channels_min.clamp(1, channels_max);
-        SndModel { formats, rates, channels_min, channels_max, gate, streams: Default::default() }
+        SndModel {
+            formats,
+            rates,
+            channels_min,
+            channels_max,
+            gate,
+            streams: Default::default(),
+        }
     }
 
     /// The stream with wire id `id`.
@@ -126,15 +141,25 @@ impl SndModel {
             return ControlOutcome::status(Status::BadMsg);
         }
         match le32(req, 0) {
-            R_JACK_INFO => self.query(req, max_response, JACK_INFO_SIZE, JACKS.len(), |m, i, out| {
-                m.jack_info(i, out)
-            }),
-            R_PCM_INFO => self.query(req, max_response, PCM_INFO_SIZE, STREAMS.len(), |m, i, out| {
-                m.pcm_info(i, out)
-            }),
+            R_JACK_INFO => self.query(
+                req,
+                max_response,
+                JACK_INFO_SIZE,
+                JACKS.len(),
+                |m, i, out| m.jack_info(i, out),
+            ),
+            R_PCM_INFO => self.query(
+                req,
+                max_response,
+                PCM_INFO_SIZE,
+                STREAMS.len(),
+                |m, i, out| m.pcm_info(i, out),
+            ),
             R_CHMAP_INFO => {
                 let n = LAYOUTS.len() * STREAMS.len();
-                self.query(req, max_response, CHMAP_INFO_SIZE, n, |_, i, out| chmap_info(i, out))
+                self.query(req, max_response, CHMAP_INFO_SIZE, n, |_, i, out| {
+                    chmap_info(i, out)
+                })
             }
             R_JACK_REMAP => self.jack_remap(req),
             R_PCM_SET_PARAMS => self.set_params(req),
@@ -172,7 +197,10 @@ impl SndModel {
         if end > items || size < item_size {
             return ControlOutcome::status(Status::BadMsg);
         }
-        let Some(len) = count.checked_mul(size).and_then(|n| n.checked_add(HDR_SIZE)) else {
+        let Some(len) = count
+            .checked_mul(size)
+            .and_then(|n| n.checked_add(HDR_SIZE))
+        else {
             return ControlOutcome::status(Status::BadMsg);
         };
         if len > max_response || len > MAX_CONTROL_RESPONSE {
@@ -185,7 +213,10 @@ impl SndModel {
             fill(self, i, &mut out);
             out.resize(before + size, 0);
         }
-        ControlOutcome { response: out, effect: None }
+        ControlOutcome {
+            response: out,
+            effect: None,
+        }
     }
 
     fn jack_info(&self, i: usize, out: &mut Vec<u8>) {
@@ -241,7 +272,11 @@ impl SndModel {
         let format_code = byte(req, 21);
         let rate_code = byte(req, 22);
 
-        if self.stream(direction).next_state(PcmCommand::SetParams).is_err() {
+        if self
+            .stream(direction)
+            .next_state(PcmCommand::SetParams)
+            .is_err()
+        {
             return ControlOutcome::status(Status::BadMsg);
         }
         if buffer_bytes == 0 || period_bytes == 0 || period_bytes > buffer_bytes {
@@ -264,8 +299,14 @@ impl SndModel {
         if period_bytes > MAX_BUFFER_BYTES || buffer_bytes > MAX_GUEST_BUFFER_BYTES {
             return ControlOutcome::status(Status::NotSupp);
         }
-        let params = PcmParams { format, rate, channels, buffer_bytes, period_bytes };
-        if params.frame_bytes() == 0 || period_bytes % params.frame_bytes() != 0 {
+        let params = PcmParams {
+            format,
+            rate,
+            channels,
+            buffer_bytes,
+            period_bytes,
+        };
+        if params.frame_bytes() == 0 || !period_bytes.is_multiple_of(params.frame_bytes()) {
             return ControlOutcome::status(Status::BadMsg);
         }
         match self.stream_mut(direction).set_params(params) {
@@ -285,7 +326,11 @@ impl SndModel {
             return ControlOutcome::status(Status::BadMsg);
         };
         if let Err(e) = self.stream_mut(direction).apply(command) {
-            log::debug!("control: {direction} stream: {:?} refused in state {:?}", e.command, e.from);
+            log::debug!(
+                "control: {direction} stream: {:?} refused in state {:?}",
+                e.command,
+                e.from
+            );
             return ControlOutcome::status(Status::BadMsg);
         }
         let effect = match command {
@@ -295,12 +340,18 @@ impl SndModel {
             PcmCommand::Release => DeviceMsg::Release { direction },
             PcmCommand::SetParams => return ControlOutcome::status(Status::BadMsg),
         };
-        ControlOutcome { response: (Status::Ok as u32).to_le_bytes().to_vec(), effect: Some(effect) }
+        ControlOutcome {
+            response: (Status::Ok as u32).to_le_bytes().to_vec(),
+            effect: Some(effect),
+        }
     }
 }
 
 fn chmap_info(i: usize, out: &mut Vec<u8>) {
-    let dir = STREAMS.get(i / LAYOUTS.len()).copied().unwrap_or(Direction::Output);
+    let dir = STREAMS
+        .get(i / LAYOUTS.len())
+        .copied()
+        .unwrap_or(Direction::Output);
     let positions = LAYOUTS.get(i % LAYOUTS.len()).copied().unwrap_or(&[]);
     put32(out, 0); // hda_fn_nid
     out.push(direction_code(dir));
@@ -320,12 +371,21 @@ mod tests {
     fn model() -> SndModel {
         SndModel::new(
             &Capabilities {
-                formats: vec![SampleFormat::U8, SampleFormat::S16, SampleFormat::S24, SampleFormat::S32, SampleFormat::Float],
+                formats: vec![
+                    SampleFormat::U8,
+                    SampleFormat::S16,
+                    SampleFormat::S24,
+                    SampleFormat::S32,
+                    SampleFormat::Float,
+                ],
                 rates: vec![8000, 44100, 48000, 192000],
                 channels_min: 1,
                 channels_max: 8,
             },
-            GateState { output: true, input: false },
+            GateState {
+                output: true,
+                input: false,
+            },
         )
     }
 
@@ -336,7 +396,15 @@ mod tests {
         v
     }
 
-    fn set_params(stream: u32, buffer: u32, period: u32, features: u32, ch: u8, fmt: u8, rate: u8) -> Vec<u8> {
+    fn set_params(
+        stream: u32,
+        buffer: u32,
+        period: u32,
+        features: u32,
+        ch: u8,
+        fmt: u8,
+        rate: u8,
+    ) -> Vec<u8> {
         let mut v = hdr(R_PCM_SET_PARAMS, stream);
         put32(&mut v, buffer);
         put32(&mut v, period);
@@ -368,10 +436,18 @@ mod tests {
             (R_CHMAP_INFO, chmaps, CHMAP_INFO_SIZE),
         ] {
             let o = m.handle(&query(code, 0, n, size as u32), 4096);
-            assert_eq!(status(&o), Status::Ok as u32, "query {code:#x} of all {n} items");
+            assert_eq!(
+                status(&o),
+                Status::Ok as u32,
+                "query {code:#x} of all {n} items"
+            );
             assert_eq!(o.response.len(), 4 + n as usize * size);
             let o = m.handle(&query(code, 0, n + 1, size as u32), 4096);
-            assert_eq!(status(&o), Status::BadMsg as u32, "query {code:#x} past the end");
+            assert_eq!(
+                status(&o),
+                Status::BadMsg as u32,
+                "query {code:#x} past the end"
+            );
         }
     }
 
@@ -394,8 +470,15 @@ mod tests {
         let mut m = model();
         let o = m.handle(&query(R_JACK_INFO, 0, 2, 24), 4096);
         assert_eq!(o.response[4 + 16], 1, "output jack connected");
-        assert_eq!(o.response[4 + 24 + 16], 0, "input jack disconnected while input is off");
-        m.set_gate(GateState { output: false, input: true });
+        assert_eq!(
+            o.response[4 + 24 + 16],
+            0,
+            "input jack disconnected while input is off"
+        );
+        m.set_gate(GateState {
+            output: false,
+            input: true,
+        });
         let o = m.handle(&query(R_JACK_INFO, 0, 2, 24), 4096);
         assert_eq!((o.response[4 + 16], o.response[4 + 24 + 16]), (0, 1));
     }
@@ -403,11 +486,23 @@ mod tests {
     #[test]
     fn short_and_unknown_requests() {
         let mut m = model();
-        assert_eq!(m.handle(&[], 64).response, (Status::BadMsg as u32).to_le_bytes());
+        assert_eq!(
+            m.handle(&[], 64).response,
+            (Status::BadMsg as u32).to_le_bytes()
+        );
         assert_eq!(status(&m.handle(&[1, 1], 64)), Status::BadMsg as u32);
-        assert_eq!(status(&m.handle(&0xdead_u32.to_le_bytes(), 64)), Status::NotSupp as u32);
-        assert_eq!(status(&m.handle(&query(R_PCM_INFO, 0, 2, 32)[..12], 64)), Status::BadMsg as u32);
-        assert_eq!(status(&m.handle(&hdr(R_PCM_START, 0)[..6], 64)), Status::BadMsg as u32);
+        assert_eq!(
+            status(&m.handle(&0xdead_u32.to_le_bytes(), 64)),
+            Status::NotSupp as u32
+        );
+        assert_eq!(
+            status(&m.handle(&query(R_PCM_INFO, 0, 2, 32)[..12], 64)),
+            Status::BadMsg as u32
+        );
+        assert_eq!(
+            status(&m.handle(&hdr(R_PCM_START, 0)[..6], 64)),
+            Status::BadMsg as u32
+        );
     }
 
     #[test]
@@ -416,12 +511,16 @@ mod tests {
         for (start, count, size, max) in [
             (u32::MAX, 2, 32, 4096),
             (1, u32::MAX, 32, 4096),
-            (0, 2, 31, 4096),     // size below the struct
+            (0, 2, 31, 4096), // size below the struct
             (0, 2, u32::MAX, 4096),
-            (0, 2, 32, 67),       // response does not fit
+            (0, 2, 32, 67), // response does not fit
         ] {
             let o = m.handle(&query(R_PCM_INFO, start, count, size), max);
-            assert_eq!(status(&o), Status::BadMsg as u32, "start {start} count {count} size {size} max {max}");
+            assert_eq!(
+                status(&o),
+                Status::BadMsg as u32,
+                "start {start} count {count} size {size} max {max}"
+            );
         }
         let o = m.handle(&query(R_PCM_INFO, 1, 1, 40), 4096);
         assert_eq!(o.response.len(), 44, "a larger item size is zero-padded");
@@ -444,21 +543,21 @@ mod tests {
     fn set_params_validation() {
         let ok = set_params(0, 19200, 4800, 0, 2, 5, 7);
         let cases: &[(Vec<u8>, Status)] = &[
-            (set_params(2, 19200, 4800, 0, 2, 5, 7), Status::BadMsg),   // stream id
-            (set_params(0, 0, 4800, 0, 2, 5, 7), Status::BadMsg),       // buffer 0
-            (set_params(0, 19200, 0, 0, 2, 5, 7), Status::BadMsg),      // period 0
-            (set_params(0, 4800, 9600, 0, 2, 5, 7), Status::BadMsg),    // period > buffer
-            (set_params(0, 19200, 4801, 0, 2, 5, 7), Status::BadMsg),   // not whole frames
-            (set_params(0, 19200, 4800, 1, 2, 5, 7), Status::NotSupp),  // features
-            (set_params(0, 19200, 4800, 0, 0, 5, 7), Status::NotSupp),  // channels 0
-            (set_params(0, 19200, 4800, 0, 9, 5, 7), Status::NotSupp),  // channels 9
-            (set_params(0, 19200, 4800, 0, 2, 0, 7), Status::NotSupp),  // IMA ADPCM
-            (set_params(0, 19200, 4800, 0, 2, 3, 7), Status::NotSupp),  // S8: not in caps
-            (set_params(0, 19200, 4800, 0, 2, 200, 7), Status::NotSupp),// no such format
-            (set_params(0, 19200, 4800, 0, 2, 5, 0), Status::NotSupp),  // 5512 Hz not in caps
+            (set_params(2, 19200, 4800, 0, 2, 5, 7), Status::BadMsg), // stream id
+            (set_params(0, 0, 4800, 0, 2, 5, 7), Status::BadMsg),     // buffer 0
+            (set_params(0, 19200, 0, 0, 2, 5, 7), Status::BadMsg),    // period 0
+            (set_params(0, 4800, 9600, 0, 2, 5, 7), Status::BadMsg),  // period > buffer
+            (set_params(0, 19200, 4801, 0, 2, 5, 7), Status::BadMsg), // not whole frames
+            (set_params(0, 19200, 4800, 1, 2, 5, 7), Status::NotSupp), // features
+            (set_params(0, 19200, 4800, 0, 0, 5, 7), Status::NotSupp), // channels 0
+            (set_params(0, 19200, 4800, 0, 9, 5, 7), Status::NotSupp), // channels 9
+            (set_params(0, 19200, 4800, 0, 2, 0, 7), Status::NotSupp), // IMA ADPCM
+            (set_params(0, 19200, 4800, 0, 2, 3, 7), Status::NotSupp), // S8: not in caps
+            (set_params(0, 19200, 4800, 0, 2, 200, 7), Status::NotSupp), // no such format
+            (set_params(0, 19200, 4800, 0, 2, 5, 0), Status::NotSupp), // 5512 Hz not in caps
             (set_params(0, 19200, 4800, 0, 2, 5, 99), Status::NotSupp), // no such rate
             (set_params(0, u32::MAX, 4800, 0, 2, 5, 7), Status::NotSupp),
-            (ok[..20].to_vec(), Status::BadMsg),                          // short
+            (ok[..20].to_vec(), Status::BadMsg), // short
         ];
         for (req, want) in cases {
             let mut m = model();
@@ -470,22 +569,57 @@ mod tests {
         let mut m = model();
         let o = m.handle(&ok, 64);
         assert_eq!(status(&o), Status::Ok as u32);
-        assert!(matches!(o.effect, Some(DeviceMsg::SetParams { direction: Direction::Output, .. })));
+        assert!(matches!(
+            o.effect,
+            Some(DeviceMsg::SetParams {
+                direction: Direction::Output,
+                ..
+            })
+        ));
     }
 
     #[test]
     fn invalid_transitions_are_bad_msg() {
         let mut m = model();
-        assert_eq!(status(&m.handle(&hdr(R_PCM_PREPARE, 1), 64)), Status::BadMsg as u32);
-        assert_eq!(status(&m.handle(&hdr(R_PCM_START, 1), 64)), Status::BadMsg as u32);
-        assert_eq!(status(&m.handle(&set_params(1, 960, 480, 0, 1, 5, 7), 64)), Status::Ok as u32);
-        assert_eq!(status(&m.handle(&hdr(R_PCM_STOP, 1), 64)), Status::BadMsg as u32);
-        assert_eq!(status(&m.handle(&hdr(R_PCM_PREPARE, 1), 64)), Status::Ok as u32);
+        assert_eq!(
+            status(&m.handle(&hdr(R_PCM_PREPARE, 1), 64)),
+            Status::BadMsg as u32
+        );
+        assert_eq!(
+            status(&m.handle(&hdr(R_PCM_START, 1), 64)),
+            Status::BadMsg as u32
+        );
+        assert_eq!(
+            status(&m.handle(&set_params(1, 960, 480, 0, 1, 5, 7), 64)),
+            Status::Ok as u32
+        );
+        assert_eq!(
+            status(&m.handle(&hdr(R_PCM_STOP, 1), 64)),
+            Status::BadMsg as u32
+        );
+        assert_eq!(
+            status(&m.handle(&hdr(R_PCM_PREPARE, 1), 64)),
+            Status::Ok as u32
+        );
         let o = m.handle(&hdr(R_PCM_START, 1), 64);
-        assert_eq!(o.effect, Some(DeviceMsg::Start { direction: Direction::Input }));
-        assert_eq!(status(&m.handle(&hdr(R_PCM_RELEASE, 1), 64)), Status::BadMsg as u32);
-        assert_eq!(status(&m.handle(&set_params(1, 960, 480, 0, 1, 5, 7), 64)), Status::BadMsg as u32);
-        assert_eq!(status(&m.handle(&hdr(R_PCM_START, 7), 64)), Status::BadMsg as u32);
+        assert_eq!(
+            o.effect,
+            Some(DeviceMsg::Start {
+                direction: Direction::Input
+            })
+        );
+        assert_eq!(
+            status(&m.handle(&hdr(R_PCM_RELEASE, 1), 64)),
+            Status::BadMsg as u32
+        );
+        assert_eq!(
+            status(&m.handle(&set_params(1, 960, 480, 0, 1, 5, 7), 64)),
+            Status::BadMsg as u32
+        );
+        assert_eq!(
+            status(&m.handle(&hdr(R_PCM_START, 7), 64)),
+            Status::BadMsg as u32
+        );
     }
 
     #[test]

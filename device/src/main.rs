@@ -32,7 +32,10 @@ struct Args {
 }
 
 fn parse_args() -> Result<Args, String> {
-    let mut args = Args { listen_fd: 3, ipc_fd: 4 };
+    let mut args = Args {
+        listen_fd: 3,
+        ipc_fd: 4,
+    };
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
         let mut fd = |name: &str| -> Result<RawFd, String> {
@@ -45,7 +48,10 @@ fn parse_args() -> Result<Args, String> {
             "--listen-fd" => args.listen_fd = fd("--listen-fd")?,
             "--ipc-fd" => args.ipc_fd = fd("--ipc-fd")?,
             "-V" | "--version" => {
-                println!("vsnd-device {} (protocol {PROTOCOL_VERSION})", env!("CARGO_PKG_VERSION"));
+                println!(
+                    "vsnd-device {} (protocol {PROTOCOL_VERSION})",
+                    env!("CARGO_PKG_VERSION")
+                );
                 std::process::exit(0);
             }
             other => {
@@ -92,12 +98,18 @@ fn run(args: Args) -> Result<ExitCode, String> {
 
     let mut broker = Channel::new(ipc);
     broker
-        .send(&DeviceMsg::Hello { magic: MAGIC, version: PROTOCOL_VERSION })
+        .send(&DeviceMsg::Hello {
+            magic: MAGIC,
+            version: PROTOCOL_VERSION,
+        })
         .map_err(|e| format!("cannot greet the broker: {e}"))?;
     let (caps, gate) = match broker.recv::<BrokerMsg>() {
-        Ok(BrokerMsg::Hello { magic, version, caps, gate }) if magic == MAGIC && version == PROTOCOL_VERSION => {
-            (caps, gate)
-        }
+        Ok(BrokerMsg::Hello {
+            magic,
+            version,
+            caps,
+            gate,
+        }) if magic == MAGIC && version == PROTOCOL_VERSION => (caps, gate),
         Ok(BrokerMsg::Hello { magic, version, .. }) if magic == MAGIC => {
             error!(
                 "the broker speaks protocol version {version}, this vsnd-device speaks {PROTOCOL_VERSION}: \
@@ -129,14 +141,18 @@ fn run(args: Args) -> Result<ExitCode, String> {
     )
     .map_err(|e| format!("cannot start the vhost-user daemon: {e}"))?;
     let handlers = daemon.get_epoll_handlers();
-    let worker = handlers.first().ok_or("the vhost-user daemon has no worker")?;
+    let worker = handlers
+        .first()
+        .ok_or("the vhost-user daemon has no worker")?;
     worker
         .register_listener(ipc_raw, EventSet::IN, u64::from(BROKER_EVENT))
         .map_err(|e| format!("cannot watch the broker channel: {e}"))?;
 
     let mut listener = Listener::from(listener);
     info!("waiting for a vhost-user frontend");
-    daemon.start(&mut listener).map_err(|e| format!("cannot accept a frontend: {e}"))?;
+    daemon
+        .start(&mut listener)
+        .map_err(|e| format!("cannot accept a frontend: {e}"))?;
     info!("frontend connected");
     match daemon.wait() {
         Ok(()) => info!("frontend disconnected"),

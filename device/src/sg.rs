@@ -53,8 +53,11 @@ impl Sg {
     ) -> Result<(), ChainError> {
         let mut done = 0usize;
         self.walk(offset, buf.len(), |addr, start, n| {
-            let dst = buf.get_mut(start..start + n).ok_or(ChainError::OutOfRange)?;
-            mem.read_slice(dst, addr).map_err(|_| ChainError::OutOfRange)?;
+            let dst = buf
+                .get_mut(start..start + n)
+                .ok_or(ChainError::OutOfRange)?;
+            mem.read_slice(dst, addr)
+                .map_err(|_| ChainError::OutOfRange)?;
             done += n;
             Ok(())
         })?;
@@ -75,7 +78,8 @@ impl Sg {
         let mut done = 0usize;
         self.walk(offset, data.len(), |addr, start, n| {
             let src = data.get(start..start + n).ok_or(ChainError::OutOfRange)?;
-            mem.write_slice(src, addr).map_err(|_| ChainError::OutOfRange)?;
+            mem.write_slice(src, addr)
+                .map_err(|_| ChainError::OutOfRange)?;
             done += n;
             Ok(())
         })?;
@@ -94,7 +98,9 @@ impl Sg {
         len: usize,
         mut f: impl FnMut(GuestAddress, usize, usize) -> Result<(), ChainError>,
     ) -> Result<(), ChainError> {
-        let end = offset.checked_add(len as u64).ok_or(ChainError::OutOfRange)?;
+        let end = offset
+            .checked_add(len as u64)
+            .ok_or(ChainError::OutOfRange)?;
         if end > self.len {
             return Err(ChainError::OutOfRange);
         }
@@ -191,7 +197,10 @@ mod tests {
         let s = sg(&[(0xfff0, 0x20)]);
         let mut buf = [0u8; 0x20];
         assert_eq!(s.read_at(&m, 0, &mut buf), Err(ChainError::OutOfRange));
-        assert_eq!(s.write_at(&m, 0x10, &[0; 0x11]), Err(ChainError::OutOfRange));
+        assert_eq!(
+            s.write_at(&m, 0x10, &[0; 0x11]),
+            Err(ChainError::OutOfRange)
+        );
         let s = sg(&[(u64::MAX - 2, 8)]);
         assert!(s.read_at(&m, 0, &mut [0u8; 8]).is_err());
         assert!(s.read_at(&m, u64::MAX, &mut [0u8; 1]).is_err());

@@ -130,7 +130,10 @@ pub fn rate_from_code(code: u8) -> Option<u32> {
 
 /// Map Hz to a virtio rate code.
 pub fn rate_code(hz: u32) -> Option<u8> {
-    RATES.iter().position(|&r| r == hz).and_then(|i| u8::try_from(i).ok())
+    RATES
+        .iter()
+        .position(|&r| r == hz)
+        .and_then(|i| u8::try_from(i).ok())
 }
 
 /// Little-endian field reader over a request that was already length-checked

@@ -49,7 +49,10 @@ impl FileAudio {
                 Some(PlaybackFile {
                     path: p.to_path_buf(),
                     file,
-                    wav: wav.then_some(WavState { params: None, data_bytes: 0 }),
+                    wav: wav.then_some(WavState {
+                        params: None,
+                        data_bytes: 0,
+                    }),
                     failed: false,
                 })
             }
@@ -57,12 +60,19 @@ impl FileAudio {
         let capture = match capture {
             None => None,
             Some(p) => {
-                let f = File::open(p).map_err(|e| format!("cannot open --capture-file {}: {e}", p.display()))?;
+                let f = File::open(p)
+                    .map_err(|e| format!("cannot open --capture-file {}: {e}", p.display()))?;
                 let len = f.metadata().map(|m| m.len()).unwrap_or(0);
                 if len == 0 {
-                    return Err(format!("--capture-file {} is empty: give a file of raw PCM samples", p.display()));
+                    return Err(format!(
+                        "--capture-file {} is empty: give a file of raw PCM samples",
+                        p.display()
+                    ));
                 }
-                Some(CaptureFile { path: p.to_path_buf(), file: None })
+                Some(CaptureFile {
+                    path: p.to_path_buf(),
+                    file: None,
+                })
             }
         };
         Ok(FileAudio { playback, capture })
@@ -79,12 +89,17 @@ impl super::Audio for FileAudio {
     }
 
     fn play(&mut self, params: &PcmParams, data: &[u8]) {
-        let Some(pb) = self.playback.as_mut() else { return };
+        let Some(pb) = self.playback.as_mut() else {
+            return;
+        };
         if pb.failed {
             return;
         }
         if let Err(e) = pb.write(params, data) {
-            error!("playback file {}: {e}; further playback is discarded", pb.path.display());
+            error!(
+                "playback file {}: {e}; further playback is discarded",
+                pb.path.display()
+            );
             pb.failed = true;
         }
     }
@@ -118,7 +133,11 @@ impl PlaybackFile {
                     wav.params = Some(*params);
                     self.file.write_all(&wav_header(params, 0))?;
                 }
-                Some(p) if p.format != params.format || p.rate != params.rate || p.channels != params.channels => {
+                Some(p)
+                    if p.format != params.format
+                        || p.rate != params.rate
+                        || p.channels != params.channels =>
+                {
                     warn!(
                         "{}: the guest changed format; the WAV header keeps the first one ({:?} {} Hz {} ch)",
                         self.path.display(),
@@ -152,14 +171,19 @@ impl CaptureFile {
             info!("capture file {} opened", self.path.display());
             self.file = Some(File::open(&self.path)?);
         }
-        let Some(file) = self.file.as_mut() else { return Ok(()) };
+        let Some(file) = self.file.as_mut() else {
+            return Ok(());
+        };
         let mut filled = 0;
         let mut rewound = false;
         while filled < buf.len() {
             let n = file.read(&mut buf[filled..])?;
             if n == 0 {
                 if rewound {
-                    return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "the file is empty"));
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "the file is empty",
+                    ));
                 }
                 file.seek(SeekFrom::Start(0))?;
                 rewound = true;
@@ -205,7 +229,13 @@ mod tests {
     use super::*;
 
     fn params() -> PcmParams {
-        PcmParams { format: SampleFormat::S16, rate: 48000, channels: 2, buffer_bytes: 1920, period_bytes: 960 }
+        PcmParams {
+            format: SampleFormat::S16,
+            rate: 48000,
+            channels: 2,
+            buffer_bytes: 1920,
+            period_bytes: 960,
+        }
     }
 
     #[test]
@@ -234,7 +264,10 @@ mod tests {
         assert_eq!(&bytes[0..4], b"RIFF");
         assert_eq!(u32::from_le_bytes(bytes[4..8].try_into().unwrap()), 36 + 12);
         assert_eq!(u32::from_le_bytes(bytes[24..28].try_into().unwrap()), 48000);
-        assert_eq!(u32::from_le_bytes(bytes[28..32].try_into().unwrap()), 192000);
+        assert_eq!(
+            u32::from_le_bytes(bytes[28..32].try_into().unwrap()),
+            192000
+        );
         assert_eq!(u32::from_le_bytes(bytes[40..44].try_into().unwrap()), 12);
         assert_eq!(&bytes[44..], &[9, 9, 9, 9, 9, 9, 9, 9, 7, 7, 7, 7]);
         std::fs::remove_dir_all(&dir).ok();

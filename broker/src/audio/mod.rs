@@ -8,7 +8,9 @@ use vsnd_ipc::{Capabilities, PcmParams, SampleFormat};
 
 /// Rates (Hz) the null and file backends accept: every virtio rate from
 /// 8 kHz to 192 kHz.
-pub const RATES: [u32; 12] = [8000, 11025, 16000, 22050, 32000, 44100, 48000, 64000, 88200, 96000, 176400, 192000];
+pub const RATES: [u32; 12] = [
+    8000, 11025, 16000, 22050, 32000, 44100, 48000, 64000, 88200, 96000, 176400, 192000,
+];
 
 /// Most channels the null and file backends accept.
 pub const MAX_CHANNELS: u8 = 8;
