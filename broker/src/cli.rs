@@ -63,6 +63,43 @@ pub struct Cli {
     /// program).
     #[arg(long, value_name = "PATH")]
     pub device_path: Option<PathBuf>,
+
+    /// When the broker runs as root: the user vsnd-device runs as (its
+    /// primary group too). Ignored otherwise: the device then runs as the
+    /// broker's own user, and the broker makes itself non-dumpable.
+    #[arg(long, value_name = "USER", default_value = "nobody")]
+    pub device_user: String,
+
+    /// What the device's seccomp filter does with a system call outside
+    /// policy/seccomp: `kill` the device, or `log` it and let it run (for
+    /// diagnosing a profile; the kernel logs each call).
+    #[arg(long, value_enum, default_value = "kill")]
+    pub seccomp: SeccompMode,
+
+    /// Debugging only: run the device without its sandbox (no seccomp,
+    /// landlock, capability drop or rlimits). A loud warning is logged on
+    /// every device start.
+    #[arg(long)]
+    pub insecure_no_sandbox: bool,
+}
+
+/// The device's seccomp mismatch action.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum SeccompMode {
+    /// Kill the device (after it names the call on stderr).
+    Kill,
+    /// Allow the call and let the kernel log it.
+    Log,
+}
+
+impl SeccompMode {
+    /// The device's spelling.
+    pub fn arg(self) -> &'static str {
+        match self {
+            SeccompMode::Kill => "kill",
+            SeccompMode::Log => "log",
+        }
+    }
 }
 
 /// Parse `--initial-streams`: returns (output, input).

@@ -4,6 +4,7 @@
 
 mod audio;
 mod cli;
+mod device_log;
 mod gate;
 mod session;
 mod supervisor;
@@ -21,7 +22,7 @@ use log::{error, info, warn};
 use audio::{file::FileAudio, null::Null, Audio};
 use cli::{BackendKind, Cli};
 use gate::Gate;
-use supervisor::{handled_signals, RunEnd, Supervisor};
+use supervisor::{handled_signals, DeviceSpec, RunEnd, Supervisor};
 
 /// Exit status for bad arguments or an environment that cannot work
 /// (nothing was started).
@@ -49,12 +50,12 @@ fn main() -> ExitCode {
     let Prepared {
         listener,
         created_socket,
-        device_path,
+        device,
         audio,
         gate,
     } = prepared;
 
-    let mut sup = match Supervisor::new(listener, device_path, audio, gate) {
+    let mut sup = match Supervisor::new(listener, device, audio, gate) {
         Ok(s) => s,
         Err(e) => {
             error!("cannot set up signal handling: {e}");
@@ -79,33 +80,26 @@ fn main() -> ExitCode {
 struct Prepared {
     listener: OwnedFd,
     created_socket: Option<PathBuf>,
-    device_path: PathBuf,
+    device: DeviceSpec,
     audio: Box<dyn Audio>,
     gate: Gate,
 }
 
-/// Check every argument and open every resource; the socket is bound last,
-/// so that a bad argument leaves nothing behind.
+/// Check every argument and open every resource, those with side effects
+/// last (the socket, then the audio files), so that a bad argument leaves
+/// nothing behind.
 fn prepare(cli: &Cli) -> Result<Prepared, String> {
     let (output, input) = cli::parse_streams(&cli.initial_streams)?;
 
-    let audio: Box<dyn Audio> = match cli.backend {
-        BackendKind::Null => {
-            if cli.playback_file.is_some() || cli.capture_file.is_some() {
-                return Err("--playback-file and --capture-file need --backend file".into());
-            }
-            Box::new(Null)
+    match cli.backend {
+        BackendKind::Null if cli.playback_file.is_some() || cli.capture_file.is_some() => {
+            return Err("--playback-file and --capture-file need --backend file".into());
         }
-        BackendKind::File => {
-            if cli.playback_file.is_none() && cli.capture_file.is_none() {
-                return Err("--backend file needs --playback-file and/or --capture-file".into());
-            }
-            Box::new(FileAudio::open(
-                cli.playback_file.as_deref(),
-                cli.capture_file.as_deref(),
-            )?)
+        BackendKind::File if cli.playback_file.is_none() && cli.capture_file.is_none() => {
+            return Err("--backend file needs --playback-file and/or --capture-file".into());
         }
-    };
+        _ => {}
+    }
 
     let device_path = match &cli.device_path {
         Some(p) => p.clone(),
@@ -114,11 +108,46 @@ fn prepare(cli: &Cli) -> Result<Prepared, String> {
             .with_file_name("vsnd-device"),
     };
     check_executable(&device_path)?;
+    let user = device_user(&cli.device_user)?;
+    // No process of our user may ptrace us or read our memory: the device
+    // may run as that user too.
+    // SAFETY: prctl with integer arguments only.
+    if unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) } < 0 {
+        return Err(format!(
+            "cannot make the broker non-dumpable: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    if cli.insecure_no_sandbox {
+        warn!("*** INSECURE: --insecure-no-sandbox: the device will run WITHOUT its sandbox; debugging only ***");
+    }
+    let device = DeviceSpec {
+        path: device_path,
+        user,
+        seccomp: cli.seccomp,
+        insecure: cli.insecure_no_sandbox,
+    };
 
     let (listener, created_socket) = match (&cli.socket, cli.socket_fd) {
         (Some(path), None) => (bind_socket(path)?, Some(path.clone())),
         (None, Some(fd)) => (inherit_socket(fd)?, None),
         _ => return Err("give exactly one of --socket PATH and --socket-fd FD".into()),
+    };
+    // The audio files are opened last, after the socket: opening rewrites a
+    // .wav playback file, so no later check may fail (a second broker on a
+    // busy socket, a typo in another argument must not wipe a recording).
+    // Only the socket we just created has to be undone.
+    let audio: Box<dyn Audio> = match cli.backend {
+        BackendKind::Null => Box::new(Null),
+        BackendKind::File => {
+            match FileAudio::open(cli.playback_file.as_deref(), cli.capture_file.as_deref()) {
+                Ok(a) => Box::new(a),
+                Err(e) => {
+                    remove_socket(created_socket.as_deref());
+                    return Err(e);
+                }
+            }
+        }
     };
     match &created_socket {
         Some(p) => info!("listening on {}", p.display()),
@@ -128,10 +157,36 @@ fn prepare(cli: &Cli) -> Result<Prepared, String> {
     Ok(Prepared {
         listener,
         created_socket,
-        device_path,
+        device,
         audio,
         gate,
     })
+}
+
+/// The (uid, gid) the device runs as: `name`'s when the broker is root,
+/// none (the broker's own) otherwise.
+fn device_user(name: &str) -> Result<Option<(u32, u32)>, String> {
+    if !nix::unistd::geteuid().is_root() {
+        return Ok(None);
+    }
+    let user =
+        match nix::unistd::User::from_name(name) {
+            Ok(Some(u)) => u,
+            Ok(None) => return Err(format!(
+                "--device-user {name:?}: no such user; create it or name another unprivileged user"
+            )),
+            Err(e) => return Err(format!("--device-user {name:?}: cannot look it up: {e}")),
+        };
+    if user.uid.is_root() {
+        return Err(format!(
+            "--device-user {name:?} is root; the device must run unprivileged"
+        ));
+    }
+    info!(
+        "the device runs as {name} (uid {}, gid {})",
+        user.uid, user.gid
+    );
+    Ok(Some((user.uid.as_raw(), user.gid.as_raw())))
 }
 
 fn check_executable(p: &Path) -> Result<(), String> {

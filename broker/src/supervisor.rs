@@ -10,7 +10,7 @@
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
@@ -22,6 +22,8 @@ use nix::sys::time::TimeSpec;
 use vsnd_ipc::{socketpair, Channel};
 
 use crate::audio::Audio;
+use crate::cli::SeccompMode;
+use crate::device_log::DeviceLog;
 use crate::gate::Gate;
 use crate::session::{Session, SessionError};
 
@@ -37,6 +39,8 @@ const EXIT_GRACE: Duration = Duration::from_secs(1);
 
 /// Exit status of vsnd-device for a protocol version mismatch.
 const DEVICE_EXIT_VERSION_MISMATCH: i32 = 3;
+/// Exit status of vsnd-device when it cannot enter its sandbox.
+const DEVICE_EXIT_NO_SANDBOX: i32 = 4;
 
 /// The signals the broker handles; blocked and read from a signalfd.
 pub fn handled_signals() -> SigSet {
@@ -64,10 +68,23 @@ enum DeviceEnd {
     Fatal(String),
 }
 
+/// How to start the device.
+#[derive(Debug, Clone)]
+pub struct DeviceSpec {
+    /// The vsnd-device executable.
+    pub path: PathBuf,
+    /// (uid, gid) to switch to before exec; set when the broker is root.
+    pub user: Option<(u32, u32)>,
+    /// The seccomp mismatch action.
+    pub seccomp: SeccompMode,
+    /// Run without the sandbox (debugging only).
+    pub insecure: bool,
+}
+
 /// Everything the supervisor needs.
 pub struct Supervisor {
     listener: OwnedFd,
-    device_path: PathBuf,
+    device: DeviceSpec,
     audio: Box<dyn Audio>,
     gate: Gate,
     signals: SignalFd,
@@ -77,7 +94,7 @@ impl Supervisor {
     /// `signals` must already be blocked in this thread.
     pub fn new(
         listener: OwnedFd,
-        device_path: PathBuf,
+        device: DeviceSpec,
         audio: Box<dyn Audio>,
         gate: Gate,
     ) -> io::Result<Self> {
@@ -88,7 +105,7 @@ impl Supervisor {
         .map_err(io::Error::from)?;
         Ok(Supervisor {
             listener,
-            device_path,
+            device,
             audio,
             gate,
             signals,
@@ -101,10 +118,14 @@ impl Supervisor {
         loop {
             let started = Instant::now();
             let end = match self.spawn() {
-                Ok((child, ch)) => self.serve(child, ch),
+                Ok((child, ch, mut log)) => {
+                    let end = self.serve(child, ch, &mut log);
+                    log.drain();
+                    end
+                }
                 Err(e) => DeviceEnd::Exited {
                     status: ExitStatus::from_raw(1 << 8),
-                    reason: Some(format!("cannot start {}: {e}", self.device_path.display())),
+                    reason: Some(format!("cannot start {}: {e}", self.device.path.display())),
                 },
             };
             match end {
@@ -115,8 +136,14 @@ impl Supervisor {
                         return RunEnd::Fatal(format!(
                             "{} does not speak this broker's protocol (see its log above): \
                              install vsnd-broker and vsnd-device from the same release",
-                            self.device_path.display()
+                            self.device.path.display()
                         ));
+                    }
+                    if status.code() == Some(DEVICE_EXIT_NO_SANDBOX) {
+                        warn!(
+                            "the device refused to run without its sandbox (see its log above); \
+                             fix the cause, or debug with --insecure-no-sandbox"
+                        );
                     }
                     if status.success() && reason.is_none() {
                         info!("device exited after its frontend disconnected; ready for the next connection");
@@ -140,12 +167,17 @@ impl Supervisor {
         }
     }
 
-    fn spawn(&self) -> io::Result<(Child, Channel)> {
+    fn spawn(&self) -> io::Result<(Child, Channel, DeviceLog)> {
         let (ours, theirs) = socketpair()?;
-        let child = spawn_device(&self.device_path, self.listener.as_fd(), theirs.as_fd())?;
+        let (log_r, log_w) = DeviceLog::pipe()?;
+        let child = spawn_device(&self.device, self.listener.as_fd(), theirs.as_fd(), log_w)?;
         drop(theirs);
         info!("device started (pid {})", child.id());
-        Ok((child, Channel::new(ours)))
+        if self.device.insecure {
+            warn!("*** INSECURE: the device runs WITHOUT its sandbox (--insecure-no-sandbox); debugging only ***");
+        }
+        let log = DeviceLog::new(log_r, child.id());
+        Ok((child, Channel::new(ours), log))
     }
 
     /// Wait `d`, watching for SIGTERM/SIGINT; true if one came.
@@ -184,7 +216,8 @@ impl Supervisor {
         (stop, child)
     }
 
-    fn serve(&mut self, mut child: Child, ch: Channel) -> DeviceEnd {
+    fn serve(&mut self, mut child: Child, ch: Channel, log: &mut DeviceLog) -> DeviceEnd {
+        let mut log_open = true;
         let mut session = match Session::new(ch, self.audio.capabilities(), self.gate.state()) {
             Ok(s) => s,
             Err(e) => return stop_device(&mut child, Some(e.to_string())),
@@ -201,24 +234,28 @@ impl Supervisor {
             if session.wants_write() {
                 flags |= PollFlags::POLLOUT;
             }
-            let (sig_ready, ch_events) = {
+            let log_flags = if log_open {
+                PollFlags::POLLIN
+            } else {
+                PollFlags::empty()
+            };
+            let (sig_ready, ch_events, log_ready) = {
                 let mut fds = [
                     PollFd::new(self.signals.as_fd(), PollFlags::POLLIN),
                     PollFd::new(session.channel().as_fd(), flags),
+                    PollFd::new(log.as_fd(), log_flags),
                 ];
                 match nix::poll::ppoll(&mut fds, timeout, None) {
                     Ok(_) => {}
                     Err(nix::errno::Errno::EINTR) => continue,
                     Err(e) => return DeviceEnd::Fatal(format!("poll failed: {e}")),
                 }
-                (
-                    fds[0]
-                        .revents()
-                        .unwrap_or(PollFlags::empty())
-                        .contains(PollFlags::POLLIN),
-                    fds[1].revents().unwrap_or(PollFlags::empty()),
-                )
+                let ev = |i: usize| fds[i].revents().unwrap_or(PollFlags::empty());
+                (ev(0).contains(PollFlags::POLLIN), ev(1), !ev(2).is_empty())
             };
+            if log_ready && log_open {
+                log_open = log.on_readable();
+            }
             if sig_ready {
                 let (stop, _) = self.read_signals();
                 if stop {
@@ -279,7 +316,14 @@ fn describe_status(s: ExitStatus) -> String {
             let name = Signal::try_from(sig)
                 .map(|s| s.as_str())
                 .unwrap_or("unknown");
-            format!("killed by signal {sig} ({name})")
+            if sig == libc::SIGSYS {
+                format!(
+                    "killed by signal {sig} ({name}): a system call outside its seccomp profile; \
+                     its last log line names the call (see policy/README.md)"
+                )
+            } else {
+                format!("killed by signal {sig} ({name})")
+            }
         }
         _ => format!("{s}"),
     }
@@ -315,22 +359,69 @@ fn stop_device(child: &mut Child, reason: Option<String>) -> DeviceEnd {
 }
 
 /// fork+exec the device with the listener as fd 3 and the channel as fd 4,
-/// every other descriptor above 2 closed at exec, and a clean environment.
-fn spawn_device(path: &Path, listener: BorrowedFd<'_>, ipc: BorrowedFd<'_>) -> io::Result<Child> {
-    let mut cmd = Command::new(path);
-    cmd.args(["--listen-fd", "3", "--ipc-fd", "4"])
-        .env_clear()
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit());
+/// stderr a pipe to the broker, every other descriptor closed at exec, a
+/// clean environment, and (when the broker is root) an empty bounding set
+/// and the unprivileged user.
+fn spawn_device(
+    spec: &DeviceSpec,
+    listener: BorrowedFd<'_>,
+    ipc: BorrowedFd<'_>,
+    log: OwnedFd,
+) -> io::Result<Child> {
+    let mut cmd = Command::new(&spec.path);
+    cmd.args([
+        "--listen-fd",
+        "3",
+        "--ipc-fd",
+        "4",
+        "--seccomp",
+        spec.seccomp.arg(),
+    ])
+    .arg("--broker-pid")
+    .arg(std::process::id().to_string())
+    .env_clear()
+    .stdin(Stdio::null())
+    .stdout(Stdio::null())
+    .stderr(Stdio::from(log));
+    if spec.insecure {
+        cmd.arg("--insecure-no-sandbox");
+    }
     if let Ok(v) = std::env::var("RUST_LOG") {
         cmd.env("RUST_LOG", v);
     }
     let (lfd, ifd) = (listener.as_raw_fd(), ipc.as_raw_fd());
+    let user = spec.user;
     // SAFETY: the closure runs in the forked child before exec and only makes
-    // async-signal-safe system calls (fcntl, dup2, close_range) on integers.
+    // async-signal-safe system calls (sigprocmask, fcntl, dup2, close_range,
+    // prctl, setgroups, setgid, setuid) on integers and a local sigset.
     unsafe {
         cmd.pre_exec(move || {
+            if let Some((uid, gid)) = user {
+                // Still root: empty the bounding set, then become the user.
+                for cap in 0..64 {
+                    if libc::prctl(libc::PR_CAPBSET_READ, cap, 0, 0, 0) < 0 {
+                        break;
+                    }
+                    if libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) < 0 {
+                        return Err(io::Error::last_os_error());
+                    }
+                }
+                if libc::setgroups(0, std::ptr::null()) < 0
+                    || libc::setgid(gid) < 0
+                    || libc::setuid(uid) < 0
+                {
+                    return Err(io::Error::last_os_error());
+                }
+            }
+            // The signals the broker blocks for its signalfd stay blocked
+            // across exec; a device that inherited them could not be
+            // stopped with SIGTERM. Start it with none blocked.
+            let mut none = std::mem::MaybeUninit::<libc::sigset_t>::uninit();
+            if libc::sigemptyset(none.as_mut_ptr()) < 0
+                || libc::sigprocmask(libc::SIG_SETMASK, none.as_ptr(), std::ptr::null_mut()) < 0
+            {
+                return Err(io::Error::last_os_error());
+            }
             // Move both out of the way first so that neither target number
             // clobbers the other, then into place; dup2 clears FD_CLOEXEC.
             let l = libc::fcntl(lfd, libc::F_DUPFD_CLOEXEC, 10);

@@ -13,7 +13,7 @@ use std::os::unix::net::UnixListener;
 use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
 
-use log::{error, info};
+use log::{error, info, warn};
 use vhost::vhost_user::Listener;
 use vhost_user_backend::VhostUserDaemon;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
@@ -22,19 +22,28 @@ use vsnd_ipc::{BrokerMsg, Channel, DeviceMsg, MAGIC, PROTOCOL_VERSION};
 
 use backend::{SndBackend, BROKER_EVENT};
 use control::SndModel;
+use vsnd_device::sandbox::{self, SeccompMode};
 
 /// Exit status when the broker speaks another protocol version.
 const EXIT_VERSION_MISMATCH: u8 = 3;
+/// Exit status when the sandbox cannot be entered.
+const EXIT_NO_SANDBOX: u8 = 4;
 
 struct Args {
     listen_fd: RawFd,
     ipc_fd: RawFd,
+    broker_pid: Option<i32>,
+    seccomp: SeccompMode,
+    insecure_no_sandbox: bool,
 }
 
 fn parse_args() -> Result<Args, String> {
     let mut args = Args {
         listen_fd: 3,
         ipc_fd: 4,
+        broker_pid: None,
+        seccomp: SeccompMode::Kill,
+        insecure_no_sandbox: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
@@ -47,6 +56,15 @@ fn parse_args() -> Result<Args, String> {
         match a.as_str() {
             "--listen-fd" => args.listen_fd = fd("--listen-fd")?,
             "--ipc-fd" => args.ipc_fd = fd("--ipc-fd")?,
+            "--broker-pid" => args.broker_pid = Some(fd("--broker-pid")?),
+            "--seccomp" => {
+                args.seccomp = match it.next().as_deref() {
+                    Some("kill") => SeccompMode::Kill,
+                    Some("log") => SeccompMode::Log,
+                    _ => return Err("--seccomp needs `kill` or `log`".into()),
+                }
+            }
+            "--insecure-no-sandbox" => args.insecure_no_sandbox = true,
             "-V" | "--version" => {
                 println!(
                     "vsnd-device {} (protocol {PROTOCOL_VERSION})",
@@ -65,8 +83,11 @@ fn parse_args() -> Result<Args, String> {
 }
 
 fn main() -> ExitCode {
+    // Colours are decided now, not at the first log line: a terminal check
+    // (an ioctl) after the sandbox is up would be refused.
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
         .format_target(false)
+        .write_style(env_logger::WriteStyle::Never)
         .init();
     let args = match parse_args() {
         Ok(a) => a,
@@ -75,12 +96,46 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    // The device must not outlive the broker that supervises it.
-    if let Err(e) = nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL) {
-        error!("cannot set the parent-death signal: {e}");
-        return ExitCode::FAILURE;
+    if args.insecure_no_sandbox {
+        warn!("*** INSECURE: running WITHOUT the sandbox (--insecure-no-sandbox). A guest that exploits this process gets this user's rights on the host. Use only for debugging. ***");
+        // Still die with the broker.
+        if let Err(e) = nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL) {
+            error!("cannot set the parent-death signal: {e}");
+            return ExitCode::FAILURE;
+        }
+    } else {
+        // Before the first guest byte and before any thread.
+        let report = match sandbox::restrict(&[args.listen_fd, args.ipc_fd], args.broker_pid) {
+            Ok(r) => r,
+            Err(e) => {
+                error!("cannot enter the sandbox, refusing to serve: {e}");
+                return ExitCode::from(EXIT_NO_SANDBOX);
+            }
+        };
+        if let Err(e) = sandbox::apply_seccomp(args.seccomp) {
+            error!("cannot apply the seccomp profile, refusing to serve: {e}");
+            return ExitCode::from(EXIT_NO_SANDBOX);
+        }
+        info!(
+            "sandbox: {}; seccomp {} ({}); no_new_privs; capabilities dropped{}",
+            report.landlock,
+            match args.seccomp {
+                SeccompMode::Kill => "enforcing",
+                SeccompMode::Log => "in LOG mode (violations allowed and logged by the kernel)",
+            },
+            sandbox::PROFILE_PATH,
+            if report.bounding_left > 0 {
+                format!(
+                    " ({} bounding-set entries kept: no CAP_SETPCAP)",
+                    report.bounding_left
+                )
+            } else {
+                String::new()
+            }
+        );
     }
-    match run(args) {
+    let sandboxed = !args.insecure_no_sandbox;
+    match run(args, sandboxed) {
         Ok(code) => code,
         Err(e) => {
             error!("{e}");
@@ -89,7 +144,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(args: Args) -> Result<ExitCode, String> {
+fn run(args: Args, sandboxed: bool) -> Result<ExitCode, String> {
     // SAFETY: the broker passes these descriptors to us open and owned by
     // this process; nothing else in the process refers to them.
     let ipc = unsafe { OwnedFd::from_raw_fd(args.ipc_fd) };
@@ -154,6 +209,10 @@ fn run(args: Args) -> Result<ExitCode, String> {
         .start(&mut listener)
         .map_err(|e| format!("cannot accept a frontend: {e}"))?;
     info!("frontend connected");
+    if sandboxed {
+        // Both threads exist now; no more processes or threads.
+        sandbox::forbid_new_tasks().map_err(|e| format!("cannot lower RLIMIT_NPROC: {e}"))?;
+    }
     match daemon.wait() {
         Ok(()) => info!("frontend disconnected"),
         Err(e) => info!("frontend connection ended: {e}"),

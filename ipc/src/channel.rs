@@ -46,7 +46,10 @@ pub struct Channel {
 impl Channel {
     /// Wrap a connected SEQPACKET socket.
     pub fn new(fd: OwnedFd) -> Self {
-        Channel { fd, buf: vec![0u8; MAX_FRAME + 1].into_boxed_slice() }
+        Channel {
+            fd,
+            buf: vec![0u8; MAX_FRAME + 1].into_boxed_slice(),
+        }
     }
 
     /// Switch the socket between blocking and non-blocking mode.
@@ -96,7 +99,11 @@ impl Channel {
         let n = loop {
             // MSG_TRUNC makes recv return the packet's real length even when
             // it did not fit, so oversized packets are detected, not split.
-            match socket::recv(self.fd.as_raw_fd(), &mut self.buf, MsgFlags::MSG_TRUNC | flags) {
+            match socket::recv(
+                self.fd.as_raw_fd(),
+                &mut self.buf,
+                MsgFlags::MSG_TRUNC | flags,
+            ) {
                 Ok(n) => break n,
                 Err(nix::errno::Errno::EINTR) => continue,
                 Err(nix::errno::Errno::EAGAIN) => return Err(ChannelError::WouldBlock),
@@ -134,9 +141,19 @@ mod tests {
         let (a, b) = socketpair().unwrap();
         let a = Channel::new(a);
         let mut b = Channel::new(b);
-        a.send(&DeviceMsg::Capture { buffer: 9, len: 480 }).unwrap();
+        a.send(&DeviceMsg::Capture {
+            buffer: 9,
+            len: 480,
+        })
+        .unwrap();
         let got: DeviceMsg = b.recv().unwrap();
-        assert_eq!(got, DeviceMsg::Capture { buffer: 9, len: 480 });
+        assert_eq!(
+            got,
+            DeviceMsg::Capture {
+                buffer: 9,
+                len: 480
+            }
+        );
     }
 
     #[test]
@@ -146,13 +163,21 @@ mod tests {
         let big = vec![0u8; MAX_FRAME + 100];
         socket::send(a.as_raw_fd(), &big, MsgFlags::empty()).unwrap();
         let a = Channel::new(a);
-        a.send(&DeviceMsg::Start { direction: Direction::Output }).unwrap();
+        a.send(&DeviceMsg::Start {
+            direction: Direction::Output,
+        })
+        .unwrap();
         match b.recv::<DeviceMsg>() {
             Err(ChannelError::Codec(CodecError::Oversized(n))) => assert_eq!(n, MAX_FRAME + 100),
             other => panic!("expected Oversized, got {other:?}"),
         }
         let next: DeviceMsg = b.recv().unwrap();
-        assert_eq!(next, DeviceMsg::Start { direction: Direction::Output });
+        assert_eq!(
+            next,
+            DeviceMsg::Start {
+                direction: Direction::Output
+            }
+        );
     }
 
     #[test]
@@ -161,7 +186,12 @@ mod tests {
         drop(a);
         let mut b = Channel::new(b);
         assert!(matches!(b.recv::<DeviceMsg>(), Err(ChannelError::Closed)));
-        assert!(matches!(b.send(&DeviceMsg::Start { direction: Direction::Input }), Err(ChannelError::Closed)));
+        assert!(matches!(
+            b.send(&DeviceMsg::Start {
+                direction: Direction::Input
+            }),
+            Err(ChannelError::Closed)
+        ));
     }
 
     #[test]
@@ -169,6 +199,9 @@ mod tests {
         let (_a, b) = socketpair().unwrap();
         let mut b = Channel::new(b);
         b.set_nonblocking(true).unwrap();
-        assert!(matches!(b.recv::<DeviceMsg>(), Err(ChannelError::WouldBlock)));
+        assert!(matches!(
+            b.recv::<DeviceMsg>(),
+            Err(ChannelError::WouldBlock)
+        ));
     }
 }

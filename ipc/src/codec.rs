@@ -75,14 +75,35 @@ mod tests {
             buffer_bytes: 19_200,
             period_bytes: 4_800,
         };
-        roundtrip(DeviceMsg::Hello { magic: MAGIC, version: PROTOCOL_VERSION });
-        roundtrip(DeviceMsg::SetParams { direction: Direction::Input, params });
-        roundtrip(DeviceMsg::Prepare { direction: Direction::Output });
-        roundtrip(DeviceMsg::Start { direction: Direction::Output });
-        roundtrip(DeviceMsg::Stop { direction: Direction::Input });
-        roundtrip(DeviceMsg::Release { direction: Direction::Input });
-        roundtrip(DeviceMsg::Playback { buffer: 7, last: true, data: vec![1; MAX_PCM_CHUNK] });
-        roundtrip(DeviceMsg::Capture { buffer: u64::MAX, len: MAX_BUFFER_BYTES });
+        roundtrip(DeviceMsg::Hello {
+            magic: MAGIC,
+            version: PROTOCOL_VERSION,
+        });
+        roundtrip(DeviceMsg::SetParams {
+            direction: Direction::Input,
+            params,
+        });
+        roundtrip(DeviceMsg::Prepare {
+            direction: Direction::Output,
+        });
+        roundtrip(DeviceMsg::Start {
+            direction: Direction::Output,
+        });
+        roundtrip(DeviceMsg::Stop {
+            direction: Direction::Input,
+        });
+        roundtrip(DeviceMsg::Release {
+            direction: Direction::Input,
+        });
+        roundtrip(DeviceMsg::Playback {
+            buffer: 7,
+            last: true,
+            data: vec![1; MAX_PCM_CHUNK],
+        });
+        roundtrip(DeviceMsg::Capture {
+            buffer: u64::MAX,
+            len: MAX_BUFFER_BYTES,
+        });
         roundtrip(BrokerMsg::Hello {
             magic: MAGIC,
             version: PROTOCOL_VERSION,
@@ -92,29 +113,58 @@ mod tests {
                 channels_min: 1,
                 channels_max: 8,
             },
-            gate: GateState { output: true, input: false },
+            gate: GateState {
+                output: true,
+                input: false,
+            },
         });
-        roundtrip(BrokerMsg::PlaybackDone { buffer: 1, latency_bytes: 9 });
-        roundtrip(BrokerMsg::CaptureData { buffer: 3, last: false, data: vec![0; MAX_PCM_CHUNK] });
-        roundtrip(BrokerMsg::Gate(GateState { output: false, input: true }));
+        roundtrip(BrokerMsg::PlaybackDone {
+            buffer: 1,
+            latency_bytes: 9,
+        });
+        roundtrip(BrokerMsg::CaptureData {
+            buffer: 3,
+            last: false,
+            data: vec![0; MAX_PCM_CHUNK],
+        });
+        roundtrip(BrokerMsg::Gate(GateState {
+            output: false,
+            input: true,
+        }));
     }
 
     #[test]
     fn largest_chunk_fits_in_a_frame() {
-        let m = DeviceMsg::Playback { buffer: u64::MAX, last: true, data: vec![0xff; MAX_PCM_CHUNK] };
+        let m = DeviceMsg::Playback {
+            buffer: u64::MAX,
+            last: true,
+            data: vec![0xff; MAX_PCM_CHUNK],
+        };
         let bytes = encode(&m).expect("a full chunk must fit in MAX_FRAME");
         assert!(bytes.len() <= MAX_FRAME);
     }
 
     #[test]
     fn oversized_payload_is_refused_on_encode() {
-        let m = DeviceMsg::Playback { buffer: 0, last: true, data: vec![0; MAX_FRAME] };
-        assert!(encode(&m).is_err(), "a payload larger than the frame must not encode");
+        let m = DeviceMsg::Playback {
+            buffer: 0,
+            last: true,
+            data: vec![0; MAX_FRAME],
+        };
+        assert!(
+            encode(&m).is_err(),
+            "a payload larger than the frame must not encode"
+        );
     }
 
     #[test]
     fn truncated_frames_are_refused() {
-        let bytes = encode(&DeviceMsg::Playback { buffer: 5, last: true, data: vec![7; 100] }).unwrap();
+        let bytes = encode(&DeviceMsg::Playback {
+            buffer: 5,
+            last: true,
+            data: vec![7; 100],
+        })
+        .unwrap();
         for cut in 0..bytes.len() {
             assert!(
                 decode::<DeviceMsg>(&bytes[..cut]).is_err(),
@@ -126,7 +176,10 @@ mod tests {
 
     #[test]
     fn trailing_bytes_are_refused() {
-        let mut bytes = encode(&DeviceMsg::Start { direction: Direction::Output }).unwrap();
+        let mut bytes = encode(&DeviceMsg::Start {
+            direction: Direction::Output,
+        })
+        .unwrap();
         bytes.push(0);
         match decode::<DeviceMsg>(&bytes) {
             Err(CodecError::TrailingBytes(1)) => {}
@@ -137,7 +190,10 @@ mod tests {
     #[test]
     fn oversized_frames_are_refused() {
         let frame = vec![0u8; MAX_FRAME + 1];
-        assert!(matches!(decode::<DeviceMsg>(&frame), Err(CodecError::Oversized(_))));
+        assert!(matches!(
+            decode::<DeviceMsg>(&frame),
+            Err(CodecError::Oversized(_))
+        ));
     }
 
     #[test]
@@ -146,7 +202,10 @@ mod tests {
         assert!(decode::<DeviceMsg>(&[200]).is_err());
         assert!(decode::<BrokerMsg>(&[200]).is_err());
         // Direction has two variants: index 2 inside Start is invalid.
-        let start = encode(&DeviceMsg::Start { direction: Direction::Input }).unwrap();
+        let start = encode(&DeviceMsg::Start {
+            direction: Direction::Input,
+        })
+        .unwrap();
         let mut bad = start.clone();
         *bad.last_mut().unwrap() = 2;
         assert!(decode::<DeviceMsg>(&bad).is_err());
@@ -174,7 +233,11 @@ mod tests {
     fn hello_prefix_is_stable() {
         // Variant 0 with magic and version first: an older or newer peer can
         // always read them. Freeze the encoding.
-        let bytes = encode(&DeviceMsg::Hello { magic: MAGIC, version: 1 }).unwrap();
+        let bytes = encode(&DeviceMsg::Hello {
+            magic: MAGIC,
+            version: 1,
+        })
+        .unwrap();
         assert_eq!(bytes, [0, 252, b'V', b'S', b'N', b'D', 1]);
     }
 }

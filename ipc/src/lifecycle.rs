@@ -60,7 +60,10 @@ pub struct Stream {
 
 impl Default for Stream {
     fn default() -> Self {
-        Stream { state: PcmState::Initial, params: None }
+        Stream {
+            state: PcmState::Initial,
+            params: None,
+        }
     }
 }
 
@@ -72,7 +75,10 @@ impl Stream {
 
     /// Whether transfers may be queued on this stream now.
     pub fn accepts_transfers(&self) -> bool {
-        matches!(self.state, PcmState::Prepared | PcmState::Running | PcmState::Stopped)
+        matches!(
+            self.state,
+            PcmState::Prepared | PcmState::Running | PcmState::Stopped
+        )
     }
 
     /// The state `command` would lead to, or why it is refused.
@@ -115,19 +121,38 @@ mod tests {
     const ALL_COMMANDS: [PcmCommand; 5] = [C::SetParams, C::Prepare, C::Start, C::Stop, C::Release];
 
     fn params() -> PcmParams {
-        PcmParams { format: SampleFormat::S16, rate: 48000, channels: 2, buffer_bytes: 8, period_bytes: 4 }
+        PcmParams {
+            format: SampleFormat::S16,
+            rate: 48000,
+            channels: 2,
+            buffer_bytes: 8,
+            period_bytes: 4,
+        }
     }
 
     fn stream_in(state: S) -> Stream {
-        Stream { state, params: Some(params()) }
+        Stream {
+            state,
+            params: Some(params()),
+        }
     }
 
     #[test]
     fn the_linux_sequence_is_accepted() {
         let mut s = Stream::default();
         s.set_params(params()).unwrap();
-        for c in [C::Prepare, C::Start, C::Stop, C::Start, C::Stop, C::Release, C::Prepare, C::Start] {
-            s.apply(c).unwrap_or_else(|e| panic!("{c:?} refused: {e:?}"));
+        for c in [
+            C::Prepare,
+            C::Start,
+            C::Stop,
+            C::Start,
+            C::Stop,
+            C::Release,
+            C::Prepare,
+            C::Start,
+        ] {
+            s.apply(c)
+                .unwrap_or_else(|e| panic!("{c:?} refused: {e:?}"));
         }
         assert_eq!(s.state(), S::Running);
     }
@@ -148,9 +173,19 @@ mod tests {
             (S::Released, C::SetParams, S::ParamsSet),
             (S::Released, C::Prepare, S::Prepared),
         ];
-        for from in [S::Initial, S::ParamsSet, S::Prepared, S::Running, S::Stopped, S::Released] {
+        for from in [
+            S::Initial,
+            S::ParamsSet,
+            S::Prepared,
+            S::Running,
+            S::Stopped,
+            S::Released,
+        ] {
             for c in ALL_COMMANDS {
-                let expected = allowed.iter().find(|(f, cc, _)| *f == from && *cc == c).map(|t| t.2);
+                let expected = allowed
+                    .iter()
+                    .find(|(f, cc, _)| *f == from && *cc == c)
+                    .map(|t| t.2);
                 let got = stream_in(from).next_state(c).ok();
                 assert_eq!(got, expected, "{c:?} from {from:?}");
             }

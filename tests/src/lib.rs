@@ -6,8 +6,12 @@
 //! * [`snd`] — virtio-snd wire constants, request builders and response
 //!   parsers, written from the virtio specification (§5.14) independently of
 //!   the device crate, so that the tests are a second opinion on the format.
+//! * [`fixture`] — a running broker in a private directory, PCM data, and
+//!   helpers that drive streams and transfers (shared by the integration
+//!   tests).
 //! * [`bin_path`] — where the workspace binaries the tests run are.
 
+pub mod fixture;
 pub mod frontend;
 pub mod snd;
 

@@ -35,6 +35,26 @@ impl FileAudio {
     /// is reported at once. A `.wav` playback file is rewritten; any other
     /// playback file is appended to.
     pub fn open(playback: Option<&Path>, capture: Option<&Path>) -> Result<Self, String> {
+        // The capture file first: opening the playback file creates it
+        // (and rewrites a .wav), which a bad capture file must not cause.
+        let capture = match capture {
+            None => None,
+            Some(p) => {
+                let f = File::open(p)
+                    .map_err(|e| format!("cannot open --capture-file {}: {e}", p.display()))?;
+                let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+                if len == 0 {
+                    return Err(format!(
+                        "--capture-file {} is empty: give a file of raw PCM samples",
+                        p.display()
+                    ));
+                }
+                Some(CaptureFile {
+                    path: p.to_path_buf(),
+                    file: None,
+                })
+            }
+        };
         let playback = match playback {
             None => None,
             Some(p) => {
@@ -54,24 +74,6 @@ impl FileAudio {
                         data_bytes: 0,
                     }),
                     failed: false,
-                })
-            }
-        };
-        let capture = match capture {
-            None => None,
-            Some(p) => {
-                let f = File::open(p)
-                    .map_err(|e| format!("cannot open --capture-file {}: {e}", p.display()))?;
-                let len = f.metadata().map(|m| m.len()).unwrap_or(0);
-                if len == 0 {
-                    return Err(format!(
-                        "--capture-file {} is empty: give a file of raw PCM samples",
-                        p.display()
-                    ));
-                }
-                Some(CaptureFile {
-                    path: p.to_path_buf(),
-                    file: None,
                 })
             }
         };
