@@ -169,14 +169,15 @@ fn device_user(name: &str) -> Result<Option<(u32, u32)>, String> {
     if !nix::unistd::geteuid().is_root() {
         return Ok(None);
     }
-    let user =
-        match nix::unistd::User::from_name(name) {
-            Ok(Some(u)) => u,
-            Ok(None) => return Err(format!(
+    let user = match nix::unistd::User::from_name(name) {
+        Ok(Some(u)) => u,
+        Ok(None) => {
+            return Err(format!(
                 "--device-user {name:?}: no such user; create it or name another unprivileged user"
-            )),
-            Err(e) => return Err(format!("--device-user {name:?}: cannot look it up: {e}")),
-        };
+            ))
+        }
+        Err(e) => return Err(format!("--device-user {name:?}: cannot look it up: {e}")),
+    };
     if user.uid.is_root() {
         return Err(format!(
             "--device-user {name:?} is root; the device must run unprivileged"

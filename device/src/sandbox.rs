@@ -485,6 +485,26 @@ mod tests {
         assert!(syscall_name(100_000).starts_with("unknown"));
     }
 
+    /// The auditors' README names every allowed call, so it cannot drift
+    /// from the profiles silently.
+    #[test]
+    fn policy_readme_names_every_allowed_call() {
+        let readme = include_str!("../../policy/README.md");
+        for json in [
+            include_str!("../../policy/seccomp/x86_64/device.json"),
+            include_str!("../../policy/seccomp/aarch64/device.json"),
+        ] {
+            let doc: serde_json::Value = serde_json::from_str(json).unwrap();
+            for rule in doc[MAIN_FILTER]["filter"].as_array().unwrap() {
+                let name = rule["syscall"].as_str().unwrap();
+                assert!(
+                    readme.contains(&format!("`{name}`")),
+                    "policy/README.md does not mention `{name}`"
+                );
+            }
+        }
+    }
+
     /// Every profile in policy/ compiles for its architecture, in both modes.
     #[test]
     fn every_profile_compiles() {
