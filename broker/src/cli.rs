@@ -64,6 +64,23 @@ pub struct Cli {
     #[arg(long, value_name = "PATH")]
     pub device_path: Option<PathBuf>,
 
+    /// Create a control socket at PATH (mode 0600) for QUERY, SET and
+    /// SUBSCRIBE requests (see vsnd-ctl).
+    #[arg(long, value_name = "PATH")]
+    pub control_socket: Option<PathBuf>,
+
+    /// Also let this uid use the control socket (besides root and the
+    /// broker's own uid); repeatable. The socket file's mode is 0600, so the
+    /// uid also needs a way to reach it (e.g. a group-owned directory, or
+    /// pass the socket with a service manager).
+    #[arg(long, value_name = "UID", requires = "control_socket")]
+    pub control_allow_uid: Vec<u32>,
+
+    /// Append every change of the enable flags to FILE (one line each,
+    /// flushed), besides the log.
+    #[arg(long, value_name = "FILE")]
+    pub audit_log: Option<PathBuf>,
+
     /// When the broker runs as root: the user vsnd-device runs as (its
     /// primary group too). Ignored otherwise: the device then runs as the
     /// broker's own user, and the broker makes itself non-dumpable.

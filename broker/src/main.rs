@@ -3,7 +3,9 @@
 //! to the VM.
 
 mod audio;
+mod audit;
 mod cli;
+mod control_socket;
 mod device_log;
 mod gate;
 mod session;
@@ -20,7 +22,9 @@ use clap::{CommandFactory, Parser};
 use log::{error, info, warn};
 
 use audio::{file::FileAudio, null::Null, Audio};
+use audit::AuditLog;
 use cli::{BackendKind, Cli};
+use control_socket::ControlServer;
 use gate::Gate;
 use supervisor::{handled_signals, DeviceSpec, RunEnd, Supervisor};
 
@@ -53,9 +57,10 @@ fn main() -> ExitCode {
         device,
         audio,
         gate,
+        control,
     } = prepared;
 
-    let mut sup = match Supervisor::new(listener, device, audio, gate) {
+    let mut sup = match Supervisor::new(listener, device, audio, gate, control) {
         Ok(s) => s,
         Err(e) => {
             error!("cannot set up signal handling: {e}");
@@ -83,6 +88,7 @@ struct Prepared {
     device: DeviceSpec,
     audio: Box<dyn Audio>,
     gate: Gate,
+    control: Option<ControlServer>,
 }
 
 /// Check every argument and open every resource, those with side effects
@@ -128,10 +134,22 @@ fn prepare(cli: &Cli) -> Result<Prepared, String> {
         insecure: cli.insecure_no_sandbox,
     };
 
+    let audit = AuditLog::open(cli.audit_log.as_deref())?;
+
     let (listener, created_socket) = match (&cli.socket, cli.socket_fd) {
         (Some(path), None) => (bind_socket(path)?, Some(path.clone())),
         (None, Some(fd)) => (inherit_socket(fd)?, None),
         _ => return Err("give exactly one of --socket PATH and --socket-fd FD".into()),
+    };
+    let control = match &cli.control_socket {
+        None => None,
+        Some(p) => match ControlServer::bind(p, cli.control_allow_uid.clone()) {
+            Ok(c) => Some(c),
+            Err(e) => {
+                remove_socket(created_socket.as_deref());
+                return Err(e);
+            }
+        },
     };
     // The audio files are opened last, after the socket: opening rewrites a
     // .wav playback file, so no later check may fail (a second broker on a
@@ -144,6 +162,7 @@ fn prepare(cli: &Cli) -> Result<Prepared, String> {
                 Ok(a) => Box::new(a),
                 Err(e) => {
                     remove_socket(created_socket.as_deref());
+                    drop(control);
                     return Err(e);
                 }
             }
@@ -153,13 +172,14 @@ fn prepare(cli: &Cli) -> Result<Prepared, String> {
         Some(p) => info!("listening on {}", p.display()),
         None => info!("listening on inherited socket fd {}", listener.as_raw_fd()),
     }
-    let gate = Gate::new(output, input);
+    let gate = Gate::new(output, input, audit);
     Ok(Prepared {
         listener,
         created_socket,
         device,
         audio,
         gate,
+        control,
     })
 }
 

@@ -196,6 +196,22 @@ impl Session {
         Some(clock.when(u64::from(first.len), params))
     }
 
+    /// The gate changed: tell the device (it shows the guest its jacks) and
+    /// close the host capture source if input went off. Both streams read
+    /// the flags at every period, so a flip takes effect within one.
+    pub fn set_gate(&mut self, gate: GateState, audio: &mut dyn Audio) -> Result<(), SessionError> {
+        self.gate = gate;
+        if !gate.input && self.capture.source_open {
+            audio.close_capture();
+            self.capture.source_open = false;
+            info!("input off: host capture source closed");
+        }
+        if self.greeted {
+            self.send(&BrokerMsg::Gate(gate))?;
+        }
+        Ok(())
+    }
+
     fn send(&mut self, msg: &BrokerMsg) -> Result<(), SessionError> {
         let frame = codec::encode(msg).map_err(|e| SessionError::Io(e.to_string()))?;
         if self.outbox.is_empty() {

@@ -23,6 +23,7 @@ use vsnd_ipc::{socketpair, Channel};
 
 use crate::audio::Audio;
 use crate::cli::SeccompMode;
+use crate::control_socket::ControlServer;
 use crate::device_log::DeviceLog;
 use crate::gate::Gate;
 use crate::session::{Session, SessionError};
@@ -87,6 +88,7 @@ pub struct Supervisor {
     device: DeviceSpec,
     audio: Box<dyn Audio>,
     gate: Gate,
+    control: Option<ControlServer>,
     signals: SignalFd,
 }
 
@@ -97,6 +99,7 @@ impl Supervisor {
         device: DeviceSpec,
         audio: Box<dyn Audio>,
         gate: Gate,
+        control: Option<ControlServer>,
     ) -> io::Result<Self> {
         let signals = SignalFd::with_flags(
             &handled_signals(),
@@ -108,6 +111,7 @@ impl Supervisor {
             device,
             audio,
             gate,
+            control,
             signals,
         })
     }
@@ -188,13 +192,36 @@ impl Supervisor {
             if now >= deadline {
                 return false;
             }
-            let mut fds = [PollFd::new(self.signals.as_fd(), PollFlags::POLLIN)];
-            let _ = nix::poll::ppoll(
-                &mut fds,
-                Some(TimeSpec::from_duration(deadline - now)),
-                None,
-            );
-            if self.read_signals().0 {
+            let wake = match self.control.as_ref().and_then(|c| c.next_deadline()) {
+                Some(t) => t.min(deadline),
+                None => deadline,
+            };
+            let (sig_ready, ctl_events) = {
+                let ctl_set = self
+                    .control
+                    .as_ref()
+                    .map(|c| c.poll_set())
+                    .unwrap_or_default();
+                let mut fds = vec![PollFd::new(self.signals.as_fd(), PollFlags::POLLIN)];
+                fds.extend(ctl_set.iter().map(|(fd, f)| PollFd::new(*fd, *f)));
+                let _ = nix::poll::ppoll(
+                    &mut fds,
+                    Some(TimeSpec::from_duration(wake.saturating_duration_since(now))),
+                    None,
+                );
+                let ev: Vec<PollFlags> = fds
+                    .iter()
+                    .map(|f| f.revents().unwrap_or(PollFlags::empty()))
+                    .collect();
+                (
+                    ev.first().is_some_and(|e| !e.is_empty()),
+                    ev.get(1..).map(<[_]>::to_vec).unwrap_or_default(),
+                )
+            };
+            if let Some(ctl) = self.control.as_mut() {
+                ctl.on_events(&ctl_events, &mut self.gate, Instant::now());
+            }
+            if sig_ready && self.read_signals().0 {
                 return true;
             }
         }
@@ -227,9 +254,14 @@ impl Supervisor {
             if let Err(e) = session.on_tick(self.audio.as_mut(), now) {
                 return self.session_failed(&mut child, e);
             }
-            let timeout = session
-                .next_deadline()
-                .map(|d| TimeSpec::from_duration(d.saturating_duration_since(now)));
+            let wake = match (
+                session.next_deadline(),
+                self.control.as_ref().and_then(|c| c.next_deadline()),
+            ) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            let timeout = wake.map(|d| TimeSpec::from_duration(d.saturating_duration_since(now)));
             let mut flags = PollFlags::POLLIN;
             if session.wants_write() {
                 flags |= PollFlags::POLLOUT;
@@ -239,20 +271,42 @@ impl Supervisor {
             } else {
                 PollFlags::empty()
             };
-            let (sig_ready, ch_events, log_ready) = {
-                let mut fds = [
+            let (sig_ready, ch_events, log_ready, ctl_events) = {
+                let ctl_set = self
+                    .control
+                    .as_ref()
+                    .map(|c| c.poll_set())
+                    .unwrap_or_default();
+                let mut fds = vec![
                     PollFd::new(self.signals.as_fd(), PollFlags::POLLIN),
                     PollFd::new(session.channel().as_fd(), flags),
                     PollFd::new(log.as_fd(), log_flags),
                 ];
+                fds.extend(ctl_set.iter().map(|(fd, f)| PollFd::new(*fd, *f)));
                 match nix::poll::ppoll(&mut fds, timeout, None) {
                     Ok(_) => {}
                     Err(nix::errno::Errno::EINTR) => continue,
                     Err(e) => return DeviceEnd::Fatal(format!("poll failed: {e}")),
                 }
-                let ev = |i: usize| fds[i].revents().unwrap_or(PollFlags::empty());
-                (ev(0).contains(PollFlags::POLLIN), ev(1), !ev(2).is_empty())
+                let ev: Vec<PollFlags> = fds
+                    .iter()
+                    .map(|f| f.revents().unwrap_or(PollFlags::empty()))
+                    .collect();
+                let get = |i: usize| ev.get(i).copied().unwrap_or(PollFlags::empty());
+                (
+                    get(0).contains(PollFlags::POLLIN),
+                    get(1),
+                    !get(2).is_empty(),
+                    ev.get(3..).map(<[_]>::to_vec).unwrap_or_default(),
+                )
             };
+            if let Some(ctl) = self.control.as_mut() {
+                if ctl.on_events(&ctl_events, &mut self.gate, Instant::now()) {
+                    if let Err(e) = session.set_gate(self.gate.state(), self.audio.as_mut()) {
+                        return self.session_failed(&mut child, e);
+                    }
+                }
+            }
             if log_ready && log_open {
                 log_open = log.on_readable();
             }

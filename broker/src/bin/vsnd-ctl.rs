@@ -1,0 +1,144 @@
+//! vsnd-ctl: query and change vsnd-broker's output and input flags through
+//! its control socket.
+//!
+//! Exit status: 0 done; 1 the broker refused the request (`ERR …`); 2 bad
+//! usage; 3 the broker could not be reached or closed the connection; 4 the
+//! broker does not let this user in (`ERR permission denied`).
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+/// Query and change vsnd-broker's enable flags (output: the guest's
+/// playback reaches the host; input: the host microphone reaches the guest).
+#[derive(Debug, Parser)]
+#[command(name = "vsnd-ctl", version, about)]
+struct Cli {
+    /// The broker's control socket (its --control-socket).
+    #[arg(long, value_name = "PATH")]
+    socket: PathBuf,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Print the flags: `output=on input=off`.
+    Query,
+    /// Turn a direction on or off, and print the flags after the change.
+    Set {
+        /// `output` or `input`.
+        direction: DirectionArg,
+        /// `on` or `off`.
+        value: OnOff,
+    },
+    /// Print the flags, then one line on every change, until interrupted.
+    Subscribe,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum DirectionArg {
+    Output,
+    Input,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum OnOff {
+    On,
+    Off,
+}
+
+const EXIT_REFUSED: u8 = 1;
+const EXIT_UNREACHABLE: u8 = 3;
+const EXIT_DENIED: u8 = 4;
+
+/// How long to wait for an answer to QUERY or SET.
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let stream = match UnixStream::connect(&cli.socket) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!(
+                "vsnd-ctl: cannot connect to {}: {e} (is vsnd-broker running with --control-socket {}?)",
+                cli.socket.display(),
+                cli.socket.display()
+            );
+            return ExitCode::from(EXIT_UNREACHABLE);
+        }
+    };
+    let request = match cli.command {
+        Command::Query => "QUERY".to_string(),
+        Command::Subscribe => "SUBSCRIBE".to_string(),
+        Command::Set { direction, value } => format!(
+            "SET {} {}",
+            match direction {
+                DirectionArg::Output => "output",
+                DirectionArg::Input => "input",
+            },
+            match value {
+                OnOff::On => "on",
+                OnOff::Off => "off",
+            }
+        ),
+    };
+    let subscribe = matches!(cli.command, Command::Subscribe);
+    if !subscribe {
+        let _ = stream.set_read_timeout(Some(ANSWER_TIMEOUT));
+    }
+    let mut writer = match stream.try_clone() {
+        Ok(w) => w,
+        Err(e) => {
+            eprintln!("vsnd-ctl: {e}");
+            return ExitCode::from(EXIT_UNREACHABLE);
+        }
+    };
+    if let Err(e) = writer.write_all(format!("{request}\n").as_bytes()) {
+        eprintln!("vsnd-ctl: cannot send the request: {e}");
+        return ExitCode::from(EXIT_UNREACHABLE);
+    }
+    let mut lines = BufReader::new(stream).lines();
+    loop {
+        let line = match lines.next() {
+            Some(Ok(l)) => l,
+            Some(Err(e)) => {
+                eprintln!("vsnd-ctl: no answer from the broker: {e}");
+                return ExitCode::from(EXIT_UNREACHABLE);
+            }
+            None => {
+                if subscribe {
+                    eprintln!("vsnd-ctl: the broker closed the connection");
+                } else {
+                    eprintln!("vsnd-ctl: the broker closed the connection without answering");
+                }
+                return ExitCode::from(EXIT_UNREACHABLE);
+            }
+        };
+        if let Some(state) = line
+            .strip_prefix("OK ")
+            .or_else(|| line.strip_prefix("EVENT "))
+        {
+            println!("{state}");
+            let _ = std::io::stdout().flush();
+            if !subscribe {
+                return ExitCode::SUCCESS;
+            }
+        } else if let Some(why) = line.strip_prefix("ERR ") {
+            eprintln!("vsnd-ctl: the broker refused: {why}");
+            return ExitCode::from(if why == "permission denied" {
+                EXIT_DENIED
+            } else {
+                EXIT_REFUSED
+            });
+        } else {
+            eprintln!("vsnd-ctl: unexpected answer {line:?}");
+            return ExitCode::from(EXIT_UNREACHABLE);
+        }
+    }
+}
