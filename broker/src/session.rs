@@ -26,9 +26,9 @@ use crate::audio::Audio;
 /// Messages handled per wakeup, so one flood cannot starve the clock.
 const MAX_BATCH: usize = 512;
 
-/// Frames queued towards a device that does not read before it is
-/// considered stuck.
-const MAX_OUTBOX: usize = 4096;
+/// Bytes queued towards a device that does not read before it is
+/// considered stuck (over a second of the largest stream vsnd carries).
+const MAX_OUTBOX_BYTES: usize = 8 * 1024 * 1024;
 
 /// Why a session ended.
 #[derive(Debug, thiserror::Error)]
@@ -88,7 +88,11 @@ impl Clock {
         let frame = u64::from(p.frame_bytes().max(1));
         let frames = (self.done.saturating_add(more)).div_ceil(frame);
         let nanos = u128::from(frames) * 1_000_000_000 / u128::from(p.rate.max(1));
-        self.anchor + Duration::from_nanos(u64::try_from(nanos).unwrap_or(u64::MAX))
+        let offset = Duration::from_nanos(u64::try_from(nanos).unwrap_or(u64::MAX));
+        // Far beyond any real deadline, but never an overflow.
+        self.anchor
+            .checked_add(offset)
+            .unwrap_or_else(|| self.anchor + Duration::from_secs(365 * 86_400))
     }
 }
 
@@ -130,6 +134,7 @@ struct Capture {
 pub struct Session {
     ch: Channel,
     outbox: VecDeque<Vec<u8>>,
+    outbox_bytes: usize,
     greeted: bool,
     caps: Capabilities,
     gate: GateState,
@@ -146,6 +151,7 @@ impl Session {
         Ok(Session {
             ch,
             outbox: VecDeque::new(),
+            outbox_bytes: 0,
             greeted: false,
             caps,
             gate,
@@ -222,9 +228,10 @@ impl Session {
                 Err(e) => return Err(SessionError::Io(e.to_string())),
             }
         }
-        if self.outbox.len() >= MAX_OUTBOX {
+        if self.outbox_bytes.saturating_add(frame.len()) > MAX_OUTBOX_BYTES {
             return violation("the device does not read its channel");
         }
+        self.outbox_bytes += frame.len();
         self.outbox.push_back(frame);
         Ok(())
     }
@@ -234,7 +241,9 @@ impl Session {
         while let Some(frame) = self.outbox.front() {
             match self.ch.send_frame(frame) {
                 Ok(()) => {
-                    self.outbox.pop_front();
+                    if let Some(f) = self.outbox.pop_front() {
+                        self.outbox_bytes = self.outbox_bytes.saturating_sub(f.len());
+                    }
                 }
                 Err(ChannelError::WouldBlock) => break,
                 Err(ChannelError::Closed) => return Err(SessionError::Closed),
@@ -558,5 +567,484 @@ fn describe(m: &DeviceMsg) -> &'static str {
         DeviceMsg::Release { .. } => "release",
         DeviceMsg::Playback { .. } => "playback",
         DeviceMsg::Capture { .. } => "capture",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vsnd_ipc::{socketpair, SampleFormat};
+
+    /// A backend that records what it is asked to do.
+    #[derive(Default)]
+    struct Recorder {
+        played: Vec<u8>,
+        capture_calls: usize,
+        closes: usize,
+    }
+
+    impl Audio for Recorder {
+        fn capabilities(&self) -> Capabilities {
+            crate::audio::raw_capabilities()
+        }
+        fn play(&mut self, _p: &PcmParams, data: &[u8]) {
+            self.played.extend_from_slice(data);
+        }
+        fn capture(&mut self, _p: &PcmParams, buf: &mut [u8]) {
+            self.capture_calls += 1;
+            buf.fill(0x55);
+        }
+        fn close_capture(&mut self) {
+            self.closes += 1;
+        }
+    }
+
+    /// 48 kHz stereo S16: 192 bytes per millisecond, 10 ms periods.
+    const PERIOD: u32 = 1920;
+
+    fn params() -> PcmParams {
+        PcmParams {
+            format: SampleFormat::S16,
+            rate: 48_000,
+            channels: 2,
+            buffer_bytes: 4 * PERIOD,
+            period_bytes: PERIOD,
+        }
+    }
+
+    struct Rig {
+        session: Session,
+        device: Channel,
+        audio: Recorder,
+        t0: Instant,
+    }
+
+    impl Rig {
+        fn new(gate: GateState) -> Rig {
+            let (a, b) = socketpair().unwrap();
+            let session =
+                Session::new(Channel::new(a), crate::audio::raw_capabilities(), gate).unwrap();
+            let mut rig = Rig {
+                session,
+                device: Channel::new(b),
+                audio: Recorder::default(),
+                t0: Instant::now(),
+            };
+            rig.send(DeviceMsg::Hello {
+                magic: MAGIC,
+                version: PROTOCOL_VERSION,
+            })
+            .unwrap();
+            assert!(matches!(
+                rig.device.try_recv::<BrokerMsg>(),
+                Ok(BrokerMsg::Hello { .. })
+            ));
+            rig
+        }
+
+        fn at(&self, ms: u64) -> Instant {
+            self.t0 + Duration::from_micros(ms * 1000)
+        }
+
+        fn send(&mut self, m: DeviceMsg) -> Result<(), SessionError> {
+            self.device.send(&m).unwrap();
+            let now = self.t0;
+            self.session.on_readable(&mut self.audio, now)
+        }
+
+        fn send_at(&mut self, m: DeviceMsg, now: Instant) -> Result<(), SessionError> {
+            self.device.send(&m).unwrap();
+            self.session.on_readable(&mut self.audio, now)
+        }
+
+        fn tick(&mut self, now: Instant) {
+            self.session.on_tick(&mut self.audio, now).unwrap();
+        }
+
+        fn replies(&mut self) -> Vec<BrokerMsg> {
+            let mut v = Vec::new();
+            while let Ok(m) = self.device.try_recv::<BrokerMsg>() {
+                v.push(m);
+            }
+            v
+        }
+
+        fn stream(&mut self, d: Direction) {
+            self.send(DeviceMsg::SetParams {
+                direction: d,
+                params: params(),
+            })
+            .unwrap();
+            self.send(DeviceMsg::Prepare { direction: d }).unwrap();
+        }
+    }
+
+    fn done_ids(msgs: &[BrokerMsg]) -> Vec<u64> {
+        msgs.iter()
+            .filter_map(|m| match m {
+                BrokerMsg::PlaybackDone { buffer, .. } => Some(*buffer),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn playback_completes_at_the_real_time_rate_and_not_before_start() {
+        let mut r = Rig::new(GateState {
+            output: true,
+            input: false,
+        });
+        r.stream(Direction::Output);
+        for b in 0..3u64 {
+            r.send(DeviceMsg::Playback {
+                buffer: b,
+                last: true,
+                data: vec![b as u8 + 1; PERIOD as usize],
+            })
+            .unwrap();
+        }
+        r.tick(r.at(1000));
+        assert!(
+            done_ids(&r.replies()).is_empty(),
+            "nothing may complete before START"
+        );
+        let start = r.at(1000);
+        r.send_at(
+            DeviceMsg::Start {
+                direction: Direction::Output,
+            },
+            start,
+        )
+        .unwrap();
+        assert_eq!(
+            r.session.next_deadline(),
+            Some(start + Duration::from_millis(10))
+        );
+        r.tick(start + Duration::from_micros(9_990));
+        assert!(
+            done_ids(&r.replies()).is_empty(),
+            "a 10 ms period is not done after 9.99 ms"
+        );
+        r.tick(start + Duration::from_millis(10));
+        assert_eq!(done_ids(&r.replies()), vec![0]);
+        r.tick(start + Duration::from_millis(30));
+        assert_eq!(done_ids(&r.replies()), vec![1, 2]);
+        let mut want = vec![1u8; PERIOD as usize];
+        want.extend(vec![2u8; PERIOD as usize]);
+        want.extend(vec![3u8; PERIOD as usize]);
+        assert_eq!(r.audio.played, want, "exactly the guest's bytes, in order");
+    }
+
+    #[test]
+    fn output_off_discards_at_the_same_pace() {
+        let mut r = Rig::new(GateState {
+            output: false,
+            input: false,
+        });
+        r.stream(Direction::Output);
+        r.send(DeviceMsg::Playback {
+            buffer: 7,
+            last: true,
+            data: vec![9; PERIOD as usize],
+        })
+        .unwrap();
+        r.send(DeviceMsg::Start {
+            direction: Direction::Output,
+        })
+        .unwrap();
+        r.tick(r.at(5));
+        assert!(done_ids(&r.replies()).is_empty());
+        r.tick(r.at(10));
+        assert_eq!(done_ids(&r.replies()), vec![7]);
+        assert!(
+            r.audio.played.is_empty(),
+            "output off: nothing reaches the host"
+        );
+    }
+
+    #[test]
+    fn stop_pauses_the_clock_and_underrun_restarts_it() {
+        let mut r = Rig::new(GateState {
+            output: true,
+            input: false,
+        });
+        r.stream(Direction::Output);
+        r.send(DeviceMsg::Playback {
+            buffer: 0,
+            last: true,
+            data: vec![0; PERIOD as usize],
+        })
+        .unwrap();
+        r.send(DeviceMsg::Start {
+            direction: Direction::Output,
+        })
+        .unwrap();
+        r.send_at(
+            DeviceMsg::Stop {
+                direction: Direction::Output,
+            },
+            r.at(5),
+        )
+        .unwrap();
+        r.tick(r.at(500));
+        assert!(
+            done_ids(&r.replies()).is_empty(),
+            "a stopped stream does not advance"
+        );
+        r.send_at(
+            DeviceMsg::Start {
+                direction: Direction::Output,
+            },
+            r.at(500),
+        )
+        .unwrap();
+        r.tick(r.at(510));
+        assert_eq!(done_ids(&r.replies()), vec![0]);
+        // The queue ran dry; data arriving 200 ms later is paced from its
+        // arrival, not consumed in a burst.
+        r.tick(r.at(700));
+        r.send_at(
+            DeviceMsg::Playback {
+                buffer: 1,
+                last: true,
+                data: vec![0; PERIOD as usize],
+            },
+            r.at(700),
+        )
+        .unwrap();
+        r.tick(r.at(705));
+        assert!(
+            done_ids(&r.replies()).is_empty(),
+            "no burst after an underrun"
+        );
+        r.tick(r.at(710));
+        assert_eq!(done_ids(&r.replies()), vec![1]);
+    }
+
+    fn capture_data(msgs: &[BrokerMsg]) -> Vec<(u64, Vec<u8>)> {
+        let mut out: Vec<(u64, Vec<u8>)> = Vec::new();
+        for m in msgs {
+            if let BrokerMsg::CaptureData { buffer, data, .. } = m {
+                match out.last_mut() {
+                    Some((b, d)) if b == buffer => d.extend_from_slice(data),
+                    _ => out.push((*buffer, data.clone())),
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn input_off_gives_paced_silence_and_never_touches_the_host_source() {
+        let mut r = Rig::new(GateState {
+            output: true,
+            input: false,
+        });
+        r.stream(Direction::Input);
+        for b in 0..4u64 {
+            r.send(DeviceMsg::Capture {
+                buffer: b,
+                len: PERIOD,
+            })
+            .unwrap();
+        }
+        r.send(DeviceMsg::Start {
+            direction: Direction::Input,
+        })
+        .unwrap();
+        r.tick(r.at(9));
+        assert!(
+            capture_data(&r.replies()).is_empty(),
+            "not filled before its period has passed"
+        );
+        r.tick(r.at(20));
+        let got = capture_data(&r.replies());
+        assert_eq!(got.len(), 2);
+        assert!(got
+            .iter()
+            .all(|(_, d)| d.len() == PERIOD as usize && d.iter().all(|&b| b == 0)));
+        assert_eq!(
+            r.audio.capture_calls, 0,
+            "the host source is not used while input is off"
+        );
+        // Input on: the next period carries host samples.
+        r.session
+            .set_gate(
+                GateState {
+                    output: true,
+                    input: true,
+                },
+                &mut r.audio,
+            )
+            .unwrap();
+        assert!(r.replies().contains(&BrokerMsg::Gate(GateState {
+            output: true,
+            input: true
+        })));
+        r.tick(r.at(30));
+        let got = capture_data(&r.replies());
+        assert_eq!(got, vec![(2, vec![0x55; PERIOD as usize])]);
+        // Off again: silence from the next period, and the source is closed.
+        r.session
+            .set_gate(
+                GateState {
+                    output: true,
+                    input: false,
+                },
+                &mut r.audio,
+            )
+            .unwrap();
+        assert_eq!(r.audio.closes, 1);
+        r.tick(r.at(40));
+        let got = capture_data(&r.replies());
+        assert_eq!(got, vec![(3, vec![0; PERIOD as usize])]);
+    }
+
+    #[test]
+    fn a_rogue_device_is_cut_off() {
+        type Case = (&'static str, Vec<DeviceMsg>);
+        let cases: Vec<Case> = vec![
+            (
+                "capture before prepare",
+                vec![DeviceMsg::Capture { buffer: 0, len: 4 }],
+            ),
+            (
+                "playback before prepare",
+                vec![DeviceMsg::Playback {
+                    buffer: 0,
+                    last: true,
+                    data: vec![1],
+                }],
+            ),
+            (
+                "second hello",
+                vec![DeviceMsg::Hello {
+                    magic: MAGIC,
+                    version: PROTOCOL_VERSION,
+                }],
+            ),
+            (
+                "start without params",
+                vec![DeviceMsg::Start {
+                    direction: Direction::Input,
+                }],
+            ),
+            (
+                "unsupported params",
+                vec![DeviceMsg::SetParams {
+                    direction: Direction::Input,
+                    params: PcmParams {
+                        rate: 1,
+                        ..params()
+                    },
+                }],
+            ),
+            (
+                "huge capture",
+                vec![
+                    DeviceMsg::SetParams {
+                        direction: Direction::Input,
+                        params: params(),
+                    },
+                    DeviceMsg::Prepare {
+                        direction: Direction::Input,
+                    },
+                    DeviceMsg::Capture {
+                        buffer: 0,
+                        len: MAX_BUFFER_BYTES + 1,
+                    },
+                ],
+            ),
+            (
+                "oversized chunk",
+                vec![
+                    DeviceMsg::SetParams {
+                        direction: Direction::Output,
+                        params: params(),
+                    },
+                    DeviceMsg::Prepare {
+                        direction: Direction::Output,
+                    },
+                    DeviceMsg::Playback {
+                        buffer: 0,
+                        last: false,
+                        data: vec![0; MAX_PCM_CHUNK + 1],
+                    },
+                ],
+            ),
+        ];
+        for (name, msgs) in cases {
+            let mut r = Rig::new(GateState {
+                output: true,
+                input: false,
+            });
+            let mut result = Ok(());
+            for m in msgs {
+                // An oversized chunk cannot even be encoded by the codec;
+                // send its raw frame.
+                if let DeviceMsg::Playback { data, .. } = &m {
+                    if data.len() > MAX_PCM_CHUNK {
+                        let frame =
+                            bincode::encode_to_vec(&m, bincode::config::standard()).unwrap();
+                        r.device.send_frame(&frame).unwrap();
+                        result = r.session.on_readable(&mut r.audio, r.t0);
+                        continue;
+                    }
+                }
+                result = r.send(m);
+                if result.is_err() {
+                    break;
+                }
+            }
+            assert!(
+                matches!(result, Err(SessionError::Violation(_))),
+                "{name}: expected a protocol violation, got {result:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn too_many_capture_requests_is_a_violation() {
+        let mut r = Rig::new(GateState {
+            output: true,
+            input: false,
+        });
+        r.stream(Direction::Input);
+        for b in 0..MAX_PENDING_CAPTURE as u64 {
+            r.send(DeviceMsg::Capture { buffer: b, len: 4 }).unwrap();
+        }
+        let res = r.send(DeviceMsg::Capture {
+            buffer: u64::MAX,
+            len: 4,
+        });
+        assert!(
+            matches!(res, Err(SessionError::Violation(_))),
+            "got {res:?}"
+        );
+    }
+
+    #[test]
+    fn a_version_mismatch_is_reported_as_such() {
+        let (a, b) = socketpair().unwrap();
+        let mut s = Session::new(
+            Channel::new(a),
+            crate::audio::raw_capabilities(),
+            GateState {
+                output: true,
+                input: false,
+            },
+        )
+        .unwrap();
+        let dev = Channel::new(b);
+        dev.send(&DeviceMsg::Hello {
+            magic: MAGIC,
+            version: 999,
+        })
+        .unwrap();
+        let res = s.on_readable(&mut Recorder::default(), Instant::now());
+        assert!(
+            matches!(res, Err(SessionError::VersionMismatch { device: 999 })),
+            "got {res:?}"
+        );
     }
 }
