@@ -125,6 +125,9 @@ impl Supervisor {
                 Ok((child, ch, mut log)) => {
                     let end = self.serve(child, ch, &mut log);
                     log.drain();
+                    // The session is over, however it ended: the host capture
+                    // source closes with it (the next VM starts afresh).
+                    self.audio.close_capture();
                     end
                 }
                 Err(e) => DeviceEnd::Exited {

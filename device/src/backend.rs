@@ -10,7 +10,7 @@ use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatu
 use vhost_user_backend::{VhostUserBackendMut, VringRwLock, VringT};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
-use virtio_queue::QueueOwnedT;
+use virtio_queue::{QueueOwnedT, QueueT};
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
@@ -222,6 +222,12 @@ impl SndBackend {
             debug!("control: response buffer of {room} bytes cannot hold a status");
             return self.complete(vrings, CONTROL_QUEUE, head, 0);
         }
+        // A request whose answer cannot be written is not carried out: the
+        // guest could not know whether it took effect.
+        if c.writable.write_at(mem, 0, &[0u8; HDR_SIZE]).is_err() {
+            debug!("control: response buffer outside guest memory; request ignored");
+            return self.complete(vrings, CONTROL_QUEUE, head, 0);
+        }
         let outcome = self.model.handle(req, room);
         let len = match c.writable.write_at(mem, 0, &outcome.response) {
             Ok(()) => outcome.response.len() as u32,
@@ -247,6 +253,19 @@ impl SndBackend {
         c: Chain,
     ) {
         if c.writable.len() < EVENT_SIZE as u64 {
+            return self.complete(vrings, EVENT_QUEUE, head, 0);
+        }
+        // A driver never has more buffers outstanding than the queue has
+        // entries; one that publishes the same head again and again would
+        // otherwise grow this list without bound. Past that, the buffer goes
+        // straight back, empty.
+        let limit = vrings
+            .get(usize::from(EVENT_QUEUE))
+            .map_or(MAX_QUEUE_SIZE, |v| {
+                usize::from(v.get_ref().get_queue().size())
+            });
+        if self.event_buffers.len() >= limit {
+            debug!("event: {limit} buffers already held; returning chain {head} unused");
             return self.complete(vrings, EVENT_QUEUE, head, 0);
         }
         // Held until there is something to report; never spun on.

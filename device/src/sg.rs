@@ -27,6 +27,11 @@ pub struct Sg {
 pub enum ChainError {
     #[error("chain has more than {MAX_CHAIN_DESCRIPTORS} descriptors")]
     TooLong,
+    #[error(
+        "chain is broken: it loops, a next index or indirect table is invalid, \
+         a descriptor cannot be read, or it is longer than 4 GiB"
+    )]
+    Broken,
     #[error("guest memory access out of range")]
     OutOfRange,
 }
@@ -134,22 +139,33 @@ pub struct Chain {
 }
 
 /// Split a descriptor chain into its readable and writable parts.
-/// virtio-queue already stops at loops (a TTL of the queue size), at
-/// descriptor indices past the table and at malformed indirect tables; this
-/// adds a bound on the total count.
+///
+/// virtio-queue's iterator stops, without saying so, at a loop (after a
+/// queue's worth of descriptors), at a `next` index past the table, at a
+/// descriptor or indirect table it cannot read or accept, and when the chain
+/// passes 4 GiB. In each case the last descriptor it yielded still has
+/// `VIRTQ_DESC_F_NEXT` set (or it yielded none): such a chain is refused as
+/// [`ChainError::Broken`] rather than acted on as if its prefix were the
+/// whole request. This also bounds the total count.
 pub fn split_chain<M>(chain: DescriptorChain<M>) -> Result<Chain, ChainError>
 where
     M: std::ops::Deref,
     M::Target: GuestMemory,
 {
     let mut out = Chain::default();
+    let mut ended = false;
     for (n, desc) in chain.enumerate() {
         if n >= MAX_CHAIN_DESCRIPTORS {
             return Err(ChainError::TooLong);
         }
+        ended = !desc.has_next();
         push_desc(&mut out, &desc);
     }
-    Ok(out)
+    if ended {
+        Ok(out)
+    } else {
+        Err(ChainError::Broken)
+    }
 }
 
 fn push_desc(out: &mut Chain, desc: &Descriptor) {

@@ -106,6 +106,11 @@ install_with_libs() {
 rm -f "$ROOT/usr/bin/aplay" "$ROOT/usr/bin/arecord" # not busybox applets, but be sure
 install_with_libs "$APLAY" /usr/bin/aplay
 ln -s aplay "$ROOT/usr/bin/arecord" # aplay picks its mode from argv[0]
+# amixer reads the jack controls (the gate tests check the guest sees the
+# microphone unplugged while input is off).
+AMIXER="$(command -v amixer || true)"
+[ -n "$AMIXER" ] || die "amixer not found (alsa-utils); $SETUP_HINT"
+install_with_libs "$(readlink -f "$AMIXER")" /usr/bin/amixer
 
 # alsa-lib's global configuration; enough for the hw: plugin. Nothing from
 # /etc (the host's may route to pipewire/pulse plugins that are not here).

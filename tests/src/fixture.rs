@@ -27,6 +27,10 @@ pub const START_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long the guard waits for the broker to exit after SIGTERM before it
 /// sends SIGKILL.
 pub const STOP_GRACE: Duration = Duration::from_secs(5);
+/// How long [`Broker::connect`] waits for the vhost-user handshake.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long [`Broker::control`] waits for an answer.
+pub const CONTROL_SOCKET_TIMEOUT: Duration = Duration::from_secs(5);
 /// Lines of the broker log printed when a test fails.
 pub const LOG_TAIL_LINES: usize = 400;
 
@@ -206,6 +210,9 @@ pub struct BrokerOptions {
     pub capture: Vec<u8>,
     /// `RUST_LOG` of the broker and its devices.
     pub rust_log: String,
+    /// Create a control socket (`--control-socket <dir>/control.sock`) for
+    /// [`Broker::control`].
+    pub control_socket: bool,
     /// More arguments, appended verbatim.
     pub extra_args: Vec<String>,
 }
@@ -217,6 +224,7 @@ impl Default for BrokerOptions {
             // Not a multiple of any test period, so captures loop mid-period.
             capture: pcm_pattern(0xC0FFEE, 8_888),
             rust_log: "debug".into(),
+            control_socket: false,
             extra_args: Vec::new(),
         }
     }
@@ -270,6 +278,14 @@ impl Broker {
             .arg(&capture_path)
             .arg("--initial-streams")
             .arg(&opts.initial_streams)
+            .args(if opts.control_socket {
+                vec![
+                    "--control-socket".into(),
+                    dir.path().join("control.sock").into_os_string(),
+                ]
+            } else {
+                Vec::new()
+            })
             .args(&opts.extra_args)
             .env("RUST_LOG", &opts.rust_log)
             .stdin(Stdio::null())
@@ -329,13 +345,61 @@ impl Broker {
     ///
     /// # Panics
     /// When the connection or the negotiation fails.
+    ///
+    /// The vhost-user handshake has no timeout of its own (a listening
+    /// socket accepts the connection even when no device serves it), so it
+    /// runs in a helper thread and the test fails after [`CONNECT_TIMEOUT`]
+    /// instead of hanging.
     pub fn connect(&self, opts: FrontendOptions) -> Frontend {
-        Frontend::connect(&self.socket, opts).unwrap_or_else(|e| {
-            panic!(
+        let (tx, rx) = std::sync::mpsc::channel();
+        let socket = self.socket.clone();
+        std::thread::spawn(move || {
+            let _ = tx.send(Frontend::connect(&socket, opts));
+        });
+        match rx.recv_timeout(CONNECT_TIMEOUT) {
+            Ok(Ok(fe)) => fe,
+            Ok(Err(e)) => panic!(
                 "connecting the test frontend to {}: {e}",
                 self.socket.display()
+            ),
+            Err(_) => panic!(
+                "connecting the test frontend to {}: no device completed the vhost-user \
+                 handshake within {CONNECT_TIMEOUT:?}",
+                self.socket.display()
+            ),
+        }
+    }
+
+    /// The control socket (with [`BrokerOptions::control_socket`]).
+    pub fn control_socket(&self) -> PathBuf {
+        self.dir.path().join("control.sock")
+    }
+
+    /// Send one request line to the control socket and return the answer
+    /// line (without its newline).
+    ///
+    /// # Panics
+    /// When the socket cannot be used or does not answer within
+    /// [`CONTROL_SOCKET_TIMEOUT`].
+    pub fn control(&self, request: &str) -> String {
+        use std::io::{BufRead, BufReader, Write};
+        let path = self.control_socket();
+        let mut s = std::os::unix::net::UnixStream::connect(&path).unwrap_or_else(|e| {
+            panic!(
+                "cannot connect to the control socket {}: {e} (BrokerOptions::control_socket \
+                 must be set)",
+                path.display()
             )
-        })
+        });
+        s.set_read_timeout(Some(CONTROL_SOCKET_TIMEOUT)).ok();
+        s.set_write_timeout(Some(CONTROL_SOCKET_TIMEOUT)).ok();
+        s.write_all(format!("{request}\n").as_bytes())
+            .unwrap_or_else(|e| panic!("control socket: sending {request:?}: {e}"));
+        let mut line = String::new();
+        BufReader::new(s)
+            .read_line(&mut line)
+            .unwrap_or_else(|e| panic!("control socket: no answer to {request:?}: {e}"));
+        line.trim_end().to_owned()
     }
 
     /// The whole log (broker and devices) so far.
@@ -678,6 +742,63 @@ pub fn add_rx(fe: &mut Frontend, stream_id: u32, data_len: u32) -> u16 {
         &[data_len, snd::PCM_STATUS_SIZE as u32],
     )
     .unwrap_or_else(|e| panic!("adding an RX buffer: {e}"))
+}
+
+/// An RX buffer whose status location is known (see [`add_rx_tracked`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RxBuffer {
+    /// Head descriptor.
+    pub head: u16,
+    /// Guest address of the data area.
+    pub data_gpa: u64,
+    /// Guest address of the 8-byte status, right after the data area.
+    pub status_gpa: u64,
+}
+
+impl RxBuffer {
+    /// The status as the guest reads it: at its fixed place after the data
+    /// area, whatever `used.len` says (what the Linux driver does).
+    pub fn status(&self, fe: &Frontend) -> PcmStatus {
+        let b = fe
+            .read_mem(self.status_gpa, snd::PCM_STATUS_SIZE)
+            .unwrap_or_else(|e| panic!("reading an RX status: {e}"));
+        PcmStatus::parse(&b).unwrap_or_else(|e| panic!("RX status: {e}"))
+    }
+}
+
+/// Like [`add_rx`], with the addresses of the data and status areas known
+/// (both filled with [`crate::frontend::POISON`]); published, not kicked.
+///
+/// # Panics
+/// When the queue or guest memory is full.
+pub fn add_rx_tracked(fe: &mut Frontend, stream_id: u32, data_len: u32) -> RxBuffer {
+    use crate::frontend::{RawDesc, POISON};
+    let hdr = fe
+        .alloc_bytes(&snd::pcm_xfer(stream_id))
+        .unwrap_or_else(|e| panic!("allocating an RX header: {e}"));
+    let data_gpa = fe
+        .alloc_bytes(&vec![POISON; data_len as usize])
+        .unwrap_or_else(|e| panic!("allocating an RX buffer: {e}"));
+    let status_gpa = fe
+        .alloc_bytes(&[POISON; snd::PCM_STATUS_SIZE])
+        .unwrap_or_else(|e| panic!("allocating an RX status: {e}"));
+    let head = fe
+        .add_raw_chain(
+            snd::QUEUE_RX,
+            &[
+                RawDesc::readable(hdr, snd::PCM_XFER_SIZE as u32).then(1),
+                RawDesc::writable(data_gpa, data_len).then(2),
+                RawDesc::writable(status_gpa, snd::PCM_STATUS_SIZE as u32),
+            ],
+        )
+        .unwrap_or_else(|e| panic!("adding an RX buffer: {e}"));
+    fe.publish(snd::QUEUE_RX, head)
+        .unwrap_or_else(|e| panic!("publishing an RX buffer: {e}"));
+    RxBuffer {
+        head,
+        data_gpa,
+        status_gpa,
+    }
 }
 
 /// Wait for the next used buffer of queue `q`.

@@ -6,11 +6,15 @@
 //! * [`snd`] — virtio-snd wire constants, request builders and response
 //!   parsers, written from the virtio specification (§5.14) independently of
 //!   the device crate, so that the tests are a second opinion on the format.
+//! * [`ctl`] — the control socket, `vsnd-ctl` and `socat` as any user, the
+//!   audit log, `/proc` views of a process, and the rogue device's reports
+//!   (shared by the gate and rogue-device tests).
 //! * [`fixture`] — a running broker in a private directory, PCM data, and
 //!   helpers that drive streams and transfers (shared by the integration
 //!   tests).
 //! * [`bin_path`] — where the workspace binaries the tests run are.
 
+pub mod ctl;
 pub mod fixture;
 pub mod frontend;
 pub mod snd;

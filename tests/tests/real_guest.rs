@@ -10,7 +10,13 @@
 //!
 //! * `play`: what the guest played == what the broker wrote to `played.raw`;
 //! * `record`: what the guest recorded == the start of `capture.raw`;
-//! * `duplex`: both at once.
+//! * `duplex`: both at once;
+//! * `reconnect`: one broker, two guests one after the other on the same
+//!   socket (the second served by the fresh device the broker started).
+//!
+//! Every test also checks that the broker's device was never killed by
+//! seccomp; when it was, the failure message starts with the reporter's line,
+//! which names the system call missing from `policy/seccomp`.
 //!
 //! A missing prerequisite (QEMU, the guest kernel, busybox, alsa-utils) makes
 //! the tests FAIL with a pointer to `scripts/setup`; they never skip.
@@ -26,7 +32,7 @@ use std::fs::{self, File};
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::sleep;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -339,8 +345,38 @@ fn write_disk(path: &Path, data: &[u8], size: usize) {
     f.set_len(size as u64).expect("size disk image");
 }
 
+/// What the broker's device prints when seccomp kills it (device/src/sandbox.rs).
+const SECCOMP_BLOCKED: &str = "seccomp: blocked system call";
+
+/// What the broker's log says about devices killed by seccomp: the
+/// reporter's distinct lines (each names the system call missing from the
+/// profile), or, if a device died of SIGSYS without one, the broker's lines.
+fn seccomp_kills(broker_log: &str) -> Vec<String> {
+    let mut named: Vec<String> = Vec::new();
+    for l in broker_log.lines().filter(|l| l.contains(SECCOMP_BLOCKED)) {
+        // Drop the relay's `vsnd-device[PID]: ` so that repeats collapse.
+        let text = l.find("]: ").map_or(l, |i| &l[i + 3..]).to_owned();
+        if !named.contains(&text) {
+            named.push(text);
+        }
+    }
+    if named.is_empty() {
+        named = broker_log
+            .lines()
+            .filter(|l| l.contains("(SIGSYS)"))
+            .take(1)
+            .map(str::to_owned)
+            .collect();
+    }
+    named
+}
+
+/// One guest's results. The directory (shared by the guests of one broker)
+/// is removed when the last outcome goes, unless a test is failing.
 struct Outcome {
-    dir: TempDir,
+    dir: Arc<TempDir>,
+    /// File-name prefix of this guest's files (`""`, `g1-`, …).
+    guest: String,
     console: String,
     played: Option<Vec<u8>>,
     /// The first PCM_BYTES of the record disk.
@@ -349,14 +385,28 @@ struct Outcome {
 
 impl Outcome {
     fn diag(&self) -> String {
+        let d = &self.dir.0;
+        let g = &self.guest;
+        let broker_log = read_lossy(&d.join("broker.stderr"));
+        // A device killed by seccomp is the first thing to know: the line
+        // names the system call missing from policy/seccomp.
+        let kills = seccomp_kills(&broker_log);
+        let banner = if kills.is_empty() {
+            String::new()
+        } else {
+            format!(
+                "*** vsnd-device was KILLED BY SECCOMP (a system call missing from policy/seccomp):\n*** {}\n",
+                kills.join("\n*** ")
+            )
+        };
         format!(
-            "(commands: {})\n--- guest console ({}) ---\n{}--- broker stderr ({}) ---\n{}--- qemu stderr ---\n{}",
-            self.dir.0.join("commands.txt").display(),
-            self.dir.0.join("console.log").display(),
+            "{banner}(commands: {})\n--- guest console ({}) ---\n{}--- broker stderr ({}) ---\n{}--- qemu stderr ---\n{}",
+            d.join(format!("{g}commands.txt")).display(),
+            d.join(format!("{g}console.log")).display(),
             tail(&self.console, 200),
-            self.dir.0.join("broker.stderr").display(),
-            tail(&read_lossy(&self.dir.0.join("broker.stderr")), 150),
-            tail(&read_lossy(&self.dir.0.join("qemu.stderr")), 30),
+            d.join("broker.stderr").display(),
+            tail(&broker_log, 150),
+            tail(&read_lossy(&d.join(format!("{g}qemu.stderr"))), 30),
         )
     }
 }
@@ -365,149 +415,238 @@ impl Outcome {
 /// starve each other (and the real-time audio streams).
 static GUEST_LOCK: Mutex<()> = Mutex::new(());
 
-fn run_guest(mode: Mode, play_data: &[u8], capture_data: &[u8]) -> Outcome {
-    let fx = fixture();
-    let _serial = GUEST_LOCK.lock().unwrap_or_else(|e| e.into_inner());
-    let dir = TempDir::new(mode.name());
-    let d = dir.0.clone();
-    let socket = d.join("vsnd.sock");
+/// A broker serving the guests of one test, in the test's directory.
+struct GuestBroker {
+    dir: Arc<TempDir>,
+    socket: PathBuf,
+    broker: ChildGuard,
+}
 
-    fs::write(d.join("capture.raw"), capture_data).expect("write capture.raw");
-    write_disk(&d.join("play.img"), play_data, play_data.len());
-    write_disk(&d.join("rec.img"), &[], PCM_BYTES + 4096);
-
-    // --- broker
-    let mut bcmd = broker_command(&d, &socket);
-    bcmd.stdin(Stdio::null())
-        .stdout(File::create(d.join("broker.stdout")).expect("broker.stdout"))
-        .stderr(File::create(d.join("broker.stderr")).expect("broker.stderr"));
-    let mut broker = ChildGuard(Some(
-        bcmd.spawn()
-            .unwrap_or_else(|e| panic!("cannot start broker {bcmd:?}: {e}")),
-    ));
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !socket.exists() {
-        if let Ok(Some(st)) = broker.child().try_wait() {
-            panic!(
-                "broker exited ({st}) before creating {}\n--- broker stderr ---\n{}",
+impl GuestBroker {
+    /// Start the broker (with `capture.raw` = `capture_data`) and wait for
+    /// its socket.
+    fn start(tag: &str, capture_data: &[u8]) -> GuestBroker {
+        let dir = Arc::new(TempDir::new(tag));
+        let d = dir.0.clone();
+        let socket = d.join("vsnd.sock");
+        fs::write(d.join("capture.raw"), capture_data).expect("write capture.raw");
+        let mut bcmd = broker_command(&d, &socket);
+        bcmd.stdin(Stdio::null())
+            .stdout(File::create(d.join("broker.stdout")).expect("broker.stdout"))
+            .stderr(File::create(d.join("broker.stderr")).expect("broker.stderr"));
+        let _ = fs::write(d.join("broker-command.txt"), format!("{bcmd:?}\n"));
+        let mut broker = ChildGuard(Some(
+            bcmd.spawn()
+                .unwrap_or_else(|e| panic!("cannot start broker {bcmd:?}: {e}")),
+        ));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !socket.exists() {
+            if let Ok(Some(st)) = broker.child().try_wait() {
+                panic!(
+                    "broker exited ({st}) before creating {}\n--- broker stderr ---\n{}",
+                    socket.display(),
+                    tail(&read_lossy(&d.join("broker.stderr")), 100)
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "broker did not create {} within 10 s\n--- broker stderr ---\n{}",
                 socket.display(),
                 tail(&read_lossy(&d.join("broker.stderr")), 100)
             );
+            sleep(Duration::from_millis(20));
         }
-        assert!(
-            Instant::now() < deadline,
-            "broker did not create {} within 10 s\n--- broker stderr ---\n{}",
-            socket.display(),
-            tail(&read_lossy(&d.join("broker.stderr")), 100)
+        GuestBroker {
+            dir,
+            socket,
+            broker,
+        }
+    }
+
+    fn log(&self) -> String {
+        read_lossy(&self.dir.0.join("broker.stderr"))
+    }
+
+    fn played(&self) -> Option<Vec<u8>> {
+        fs::read(self.dir.0.join("played.raw")).ok()
+    }
+
+    /// Wait until `needle` is in at least `count` lines of the broker log.
+    fn wait_log(&mut self, needle: &str, count: usize, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let log = self.log();
+            let have = log.lines().filter(|l| l.contains(needle)).count();
+            if have >= count {
+                return;
+            }
+            let exited = self.broker.child().try_wait().ok().flatten();
+            assert!(
+                exited.is_none() && Instant::now() < deadline,
+                "expected {count} broker log line(s) containing {needle:?} within {timeout:?}, got \
+                 {have}{}\n--- broker stderr ---\n{}",
+                exited
+                    .map(|s| format!(" (the broker exited: {s})"))
+                    .unwrap_or_default(),
+                tail(&log, 100)
+            );
+            sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Boot one guest against the broker and wait for it to power off.
+    /// Its files get the prefix `guest` (`play.img`, `rec.img`,
+    /// `console.log`, `qemu.stderr`, …). Panics (with the diagnostics) if
+    /// QEMU fails or times out.
+    fn boot_guest(&self, guest: &str, mode: Mode, play_data: &[u8]) -> Outcome {
+        let fx = fixture();
+        let d = self.dir.0.clone();
+        let name = |f: &str| d.join(format!("{guest}{f}"));
+        write_disk(&name("play.img"), play_data, play_data.len());
+        write_disk(&name("rec.img"), &[], PCM_BYTES + 4096);
+
+        let append = format!(
+            "console=ttyS0 panic=-1 quiet vsnd.mode={} vsnd.fmt={FORMAT} vsnd.rate={RATE} \
+             vsnd.ch={CHANNELS} vsnd.bytes={PCM_BYTES} vsnd.timeout={GUEST_TOOL_TIMEOUT_S}",
+            mode.name()
         );
-        sleep(Duration::from_millis(20));
+        let console_path = name("console.log");
+        let mut qcmd = Command::new(QEMU);
+        qcmd.args(["-accel", "tcg", "-m", "512", "-smp", "1"])
+            .args([
+                "-display",
+                "none",
+                "-monitor",
+                "none",
+                "-nic",
+                "none",
+                "-no-reboot",
+            ])
+            .arg("-serial")
+            .arg(format!("file:{}", console_path.display()))
+            // vhost-user needs guest memory the backend can map: shared memfd.
+            .args([
+                "-object",
+                "memory-backend-memfd,id=mem,size=512M,share=on",
+                "-machine",
+                "pc,memory-backend=mem",
+            ])
+            .arg("-kernel")
+            .arg(&fx.kernel)
+            .arg("-initrd")
+            .arg(&fx.initrd)
+            .arg("-append")
+            .arg(&append)
+            .arg("-chardev")
+            .arg(format!("socket,id=snd0,path={}", self.socket.display()))
+            .args(["-device", "vhost-user-snd-pci,chardev=snd0"])
+            .arg("-drive")
+            .arg(format!(
+                "file={},format=raw,if=none,id=dplay",
+                name("play.img").display()
+            ))
+            .args(["-device", "virtio-blk-pci,drive=dplay,serial=vsnd-play"])
+            .arg("-drive")
+            .arg(format!(
+                "file={},format=raw,if=none,id=drec",
+                name("rec.img").display()
+            ))
+            .args(["-device", "virtio-blk-pci,drive=drec,serial=vsnd-rec"])
+            .stdin(Stdio::null())
+            .stdout(File::create(name("qemu.stdout")).expect("qemu.stdout"))
+            .stderr(File::create(name("qemu.stderr")).expect("qemu.stderr"));
+        // For reproducing a run by hand.
+        let _ = fs::write(
+            name("commands.txt"),
+            format!(
+                "broker: {}qemu: {qcmd:?}\n",
+                read_lossy(&d.join("broker-command.txt"))
+            ),
+        );
+        let start = Instant::now();
+        let mut qemu =
+            ChildGuard(Some(qcmd.spawn().unwrap_or_else(|e| {
+                panic!("cannot start {QEMU}: {e}; {SETUP_HINT}")
+            })));
+        let mut polls = 0u32;
+        let mut device_killed = false;
+        let status = loop {
+            if let Some(st) = qemu.child().try_wait().expect("wait qemu") {
+                break Some(st);
+            }
+            if start.elapsed() > QEMU_TIMEOUT {
+                break None;
+            }
+            // A device killed by seccomp leaves QEMU waiting for its
+            // backend until the timeout: stop early and say why.
+            polls += 1;
+            if polls % 20 == 0 && !seccomp_kills(&self.log()).is_empty() {
+                device_killed = true;
+                break None;
+            }
+            sleep(Duration::from_millis(50));
+        };
+        let wall = start.elapsed();
+        qemu.terminate(Duration::from_secs(2));
+
+        let rec_img = fs::read(name("rec.img")).unwrap_or_default();
+        let out = Outcome {
+            dir: Arc::clone(&self.dir),
+            guest: guest.to_owned(),
+            console: read_lossy(&console_path),
+            played: None,
+            recorded: rec_img[..PCM_BYTES.min(rec_img.len())].to_vec(),
+        };
+        let boot = marker_value(&out.console, "VSND-BOOT uptime=").unwrap_or("?");
+        let done = marker_value(&out.console, "VSND-DONE uptime=").unwrap_or("?");
+        eprintln!(
+            "real_guest[{guest}{}]: QEMU wall time {:.1} s (guest uptime: /init at {boot} s, done at {done} s)",
+            mode.name(),
+            wall.as_secs_f64()
+        );
+        match status {
+            None if device_killed => panic!(
+                "vsnd-device was killed by seccomp while the guest ran; QEMU stopped early\n{}",
+                out.diag()
+            ),
+            None => panic!(
+                "QEMU did not finish within {} s (killed)\n{}",
+                QEMU_TIMEOUT.as_secs(),
+                out.diag()
+            ),
+            Some(st) if !st.success() => panic!("QEMU exited with {st}\n{}", out.diag()),
+            Some(_) => {}
+        }
+        out
     }
 
-    // --- QEMU
-    let append = format!(
-        "console=ttyS0 panic=-1 quiet vsnd.mode={} vsnd.fmt={FORMAT} vsnd.rate={RATE} \
-         vsnd.ch={CHANNELS} vsnd.bytes={PCM_BYTES} vsnd.timeout={GUEST_TOOL_TIMEOUT_S}",
-        mode.name()
-    );
-    let console_path = d.join("console.log");
-    let mut qcmd = Command::new(QEMU);
-    qcmd.args(["-accel", "tcg", "-m", "512", "-smp", "1"])
-        .args([
-            "-display",
-            "none",
-            "-monitor",
-            "none",
-            "-nic",
-            "none",
-            "-no-reboot",
-        ])
-        .arg("-serial")
-        .arg(format!("file:{}", console_path.display()))
-        // vhost-user needs guest memory the backend can map: shared memfd.
-        .args([
-            "-object",
-            "memory-backend-memfd,id=mem,size=512M,share=on",
-            "-machine",
-            "pc,memory-backend=mem",
-        ])
-        .arg("-kernel")
-        .arg(&fx.kernel)
-        .arg("-initrd")
-        .arg(&fx.initrd)
-        .arg("-append")
-        .arg(&append)
-        .arg("-chardev")
-        .arg(format!("socket,id=snd0,path={}", socket.display()))
-        .args(["-device", "vhost-user-snd-pci,chardev=snd0"])
-        .arg("-drive")
-        .arg(format!(
-            "file={},format=raw,if=none,id=dplay",
-            d.join("play.img").display()
-        ))
-        .args(["-device", "virtio-blk-pci,drive=dplay,serial=vsnd-play"])
-        .arg("-drive")
-        .arg(format!(
-            "file={},format=raw,if=none,id=drec",
-            d.join("rec.img").display()
-        ))
-        .args(["-device", "virtio-blk-pci,drive=drec,serial=vsnd-rec"])
-        .stdin(Stdio::null())
-        .stdout(File::create(d.join("qemu.stdout")).expect("qemu.stdout"))
-        .stderr(File::create(d.join("qemu.stderr")).expect("qemu.stderr"));
-    // For reproducing a run by hand.
-    let _ = fs::write(
-        d.join("commands.txt"),
-        format!("broker: {bcmd:?}\nqemu: {qcmd:?}\n"),
-    );
-    let start = Instant::now();
-    let mut qemu =
-        ChildGuard(Some(qcmd.spawn().unwrap_or_else(|e| {
-            panic!("cannot start {QEMU}: {e}; {SETUP_HINT}")
-        })));
-    let status = loop {
-        if let Some(st) = qemu.child().try_wait().expect("wait qemu") {
-            break Some(st);
-        }
-        if start.elapsed() > QEMU_TIMEOUT {
-            break None;
-        }
-        sleep(Duration::from_millis(50));
-    };
-    let wall = start.elapsed();
-    qemu.terminate(Duration::from_secs(2));
-    // Let the broker notice the disconnect and flush, then stop it.
-    sleep(Duration::from_millis(200));
-    broker.terminate(Duration::from_secs(5));
-
-    let console = read_lossy(&console_path);
-    let rec_img = fs::read(d.join("rec.img")).unwrap_or_default();
-    let out = Outcome {
-        dir,
-        console,
-        played: fs::read(d.join("played.raw")).ok(),
-        recorded: rec_img[..PCM_BYTES.min(rec_img.len())].to_vec(),
-    };
-    let boot = marker_value(&out.console, "VSND-BOOT uptime=").unwrap_or("?");
-    let done = marker_value(&out.console, "VSND-DONE uptime=").unwrap_or("?");
-    eprintln!(
-        "real_guest[{}]: QEMU wall time {:.1} s (guest uptime: /init at {boot} s, done at {done} s)",
-        mode.name(),
-        wall.as_secs_f64()
-    );
-    match status {
-        None => panic!(
-            "QEMU did not finish within {} s (killed)\n{}",
-            QEMU_TIMEOUT.as_secs(),
-            out.diag()
-        ),
-        Some(st) if !st.success() => panic!("QEMU exited with {st}\n{}", out.diag()),
-        Some(_) => {}
+    /// Let the broker notice the last disconnect and flush, then stop it.
+    fn stop(&mut self) {
+        sleep(Duration::from_millis(200));
+        self.broker.terminate(Duration::from_secs(5));
     }
+}
+
+fn run_guest(mode: Mode, play_data: &[u8], capture_data: &[u8]) -> Outcome {
+    fixture();
+    let _serial = GUEST_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let mut gb = GuestBroker::start(mode.name(), capture_data);
+    let mut out = gb.boot_guest("", mode, play_data);
+    gb.stop();
+    out.played = gb.played();
     out
 }
 
 /// The checks every mode shares: the card was probed, /init finished.
 fn check_common(out: &Outcome) {
+    let broker_log = read_lossy(&out.dir.0.join("broker.stderr"));
+    let kills = seccomp_kills(&broker_log);
+    assert!(
+        kills.is_empty(),
+        "vsnd-device was killed by seccomp while serving the guest: {}\n{}",
+        kills.join(" / "),
+        out.diag()
+    );
     let cards = marker_values(&out.console, "VSND-CARD:");
     assert!(
         cards.iter().any(|l| l.trim_start().starts_with("0 [")),
@@ -614,6 +753,77 @@ fn real_guest_duplex() {
     check_common(&out);
     check_play(&out, &play);
     check_record(&out, &capture);
+}
+
+/// One broker (sandbox on, seccomp kill: the defaults), two guests one
+/// after the other on the same socket: the first plays and powers off (its
+/// device exits with the connection), the second is served by the fresh
+/// device the broker started meanwhile and plays and records at once.
+#[test]
+fn real_guest_reconnect() {
+    let play1 = pcm_pattern(PCM_BYTES, 440.0, 0x1111);
+    let play2 = pcm_pattern(PCM_BYTES, 660.0, 0x2222);
+    let capture = capture_data();
+    fixture();
+    let _serial = GUEST_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let vsnd = std::env::var_os("VSND_REAL_GUEST_BROKER_CMD").is_none();
+    let mut gb = GuestBroker::start("reconnect", &capture);
+
+    let mut first = gb.boot_guest("g1-", Mode::Play, &play1);
+    // The first device exits with its connection; the broker starts a fresh
+    // one and it waits for the next VM.
+    if vsnd {
+        gb.wait_log("device started (pid ", 2, Duration::from_secs(10));
+        gb.wait_log(
+            "waiting for a vhost-user frontend",
+            2,
+            Duration::from_secs(10),
+        );
+    } else {
+        sleep(Duration::from_secs(1));
+    }
+    // Everything the first guest played is in played.raw by now (the raw
+    // file backend appends); the second guest's bytes follow.
+    let after_first = gb.played().unwrap_or_default();
+    first.played = Some(after_first.clone());
+
+    let mut second = gb.boot_guest("g2-", Mode::Duplex, &play2);
+    gb.stop();
+    second.played = gb
+        .played()
+        .map(|p| p.get(after_first.len()..).unwrap_or_default().to_vec());
+
+    check_common(&first);
+    check_play(&first, &play1);
+    check_common(&second);
+    check_play(&second, &play2);
+    check_record(&second, &capture);
+
+    if vsnd {
+        let log = gb.log();
+        let count = |needle: &str| log.lines().filter(|l| l.contains(needle)).count();
+        let stopped: Vec<&str> = log
+            .lines()
+            .filter(|l| l.contains("device stopped") || l.contains("SIGSYS"))
+            .collect();
+        assert!(
+            stopped.is_empty(),
+            "expected no device to stop abnormally across the reconnect, the broker logged:\n{}\n{}",
+            stopped.join("\n"),
+            second.diag()
+        );
+        assert!(
+            count("device started (pid ") >= 2,
+            "expected a second \"device started\" for the second guest\n{}",
+            second.diag()
+        );
+        assert_eq!(
+            count("frontend connected"),
+            2,
+            "expected each guest to be served by its own device (two \"frontend connected\")\n{}",
+            second.diag()
+        );
+    }
 }
 
 #[test]
