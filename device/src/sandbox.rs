@@ -436,6 +436,9 @@ pub fn syscall_name(nr: i64) -> &'static str {
         if nr == libc::SYS_stat {
             return "stat";
         }
+        if nr == libc::SYS_epoll_wait {
+            return "epoll_wait";
+        }
     }
     names!(nr;
         SYS_openat, SYS_openat2, SYS_socket, SYS_socketpair, SYS_connect, SYS_bind, SYS_listen,
@@ -462,6 +465,13 @@ pub fn syscall_name(nr: i64) -> &'static str {
         SYS_ioprio_set, SYS_personality, SYS_syslog, SYS_reboot, SYS_init_module,
         SYS_finit_module, SYS_kexec_load, SYS_acct, SYS_quotactl, SYS_swapon, SYS_chroot,
         SYS_pivot_root, SYS_umount2, SYS_fsopen, SYS_open_tree, SYS_move_mount,
+        // The calls the profile allows, so that a profile missing one of
+        // them names it too.
+        SYS_accept4, SYS_recvfrom, SYS_sendto, SYS_recvmsg, SYS_sendmsg, SYS_shutdown,
+        SYS_epoll_create1, SYS_epoll_ctl, SYS_epoll_pwait, SYS_eventfd2, SYS_close,
+        SYS_munmap, SYS_brk, SYS_futex, SYS_sched_yield, SYS_set_robust_list, SYS_rseq,
+        SYS_rt_sigprocmask, SYS_sigaltstack, SYS_rt_sigreturn, SYS_gettid, SYS_getpid,
+        SYS_clock_gettime,
     )
 }
 
@@ -479,6 +489,7 @@ mod tests {
 
     #[test]
     fn names_of_common_calls() {
+        assert_eq!(syscall_name(libc::SYS_accept4), "accept4");
         assert_eq!(syscall_name(libc::SYS_socket), "socket");
         assert_eq!(syscall_name(libc::SYS_openat), "openat");
         assert_eq!(syscall_name(libc::SYS_execve), "execve");

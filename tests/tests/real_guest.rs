@@ -580,7 +580,7 @@ impl GuestBroker {
             // A device killed by seccomp leaves QEMU waiting for its
             // backend until the timeout: stop early and say why.
             polls += 1;
-            if polls % 20 == 0 && !seccomp_kills(&self.log()).is_empty() {
+            if polls.is_multiple_of(20) && !seccomp_kills(&self.log()).is_empty() {
                 device_killed = true;
                 break None;
             }
