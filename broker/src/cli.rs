@@ -14,6 +14,8 @@ pub enum BackendKind {
     /// Playback appended to --playback-file, capture read from
     /// --capture-file (raw PCM in the guest's format), at the real-time rate.
     File,
+    /// ALSA PCMs (--alsa-playback-device, --alsa-capture-device).
+    Alsa,
 }
 
 /// vsnd-broker: a vhost-user virtio-sound device for VMs, split so that the
@@ -58,6 +60,15 @@ pub struct Cli {
     /// the format it asked for, looping at the end.
     #[arg(long, value_name = "PATH")]
     pub capture_file: Option<PathBuf>,
+
+    /// ALSA backend: the playback PCM.
+    #[arg(long, value_name = "PCM", default_value = "default")]
+    pub alsa_playback_device: String,
+
+    /// ALSA backend: the capture PCM, opened only while input is on and the
+    /// guest records.
+    #[arg(long, value_name = "PCM", default_value = "default")]
+    pub alsa_capture_device: String,
 
     /// The vsnd-device executable (default: `vsnd-device` next to this
     /// program).

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use log::{debug, info, warn};
 use nix::poll::PollFlags;
-use vsnd_ipc::Direction;
+use vsnd_ipc::{Direction, GateState};
 
 use crate::gate::{describe, Gate, Source};
 
@@ -31,6 +31,11 @@ pub const MAX_LINE: usize = 256;
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Most bytes queued to one client; a client that does not read is dropped.
 pub const MAX_PENDING_OUTPUT: usize = 16 * 1024;
+/// Most bytes read from one client per wakeup: a few requests. A client
+/// that pipelines requests (each change also syncs the audit log) waits
+/// for the next wakeup, after the audio and the other clients; the rest
+/// stays in its socket.
+pub const MAX_READ_PER_WAKEUP: usize = 64;
 
 /// One request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -232,7 +237,8 @@ impl ControlServer {
     /// Handle poll results (in the order of [`ControlServer::poll_set`]).
     /// Returns true if the gate changed.
     pub fn on_events(&mut self, revents: &[PollFlags], gate: &mut Gate, now: Instant) -> bool {
-        let mut changed = false;
+        // The flags after each change, for one EVENT line per change.
+        let mut changes: Vec<GateState> = Vec::new();
         for (i, ev) in revents.iter().enumerate().skip(1) {
             if ev.is_empty() {
                 continue;
@@ -242,22 +248,26 @@ impl ControlServer {
                     c.flush();
                 }
                 if ev.intersects(PollFlags::POLLIN | PollFlags::POLLHUP | PollFlags::POLLERR) {
-                    changed |= Self::read_client(c, gate, now);
+                    Self::read_client(c, gate, now, &mut changes);
                 }
             }
         }
         if revents.first().is_some_and(|e| !e.is_empty()) {
             self.accept_all(now);
         }
-        if changed {
-            let line = format!("EVENT {}", describe(gate.state()));
+        for state in &changes {
+            let line = format!("EVENT {}", describe(*state));
             for c in self.clients.iter_mut().filter(|c| c.subscribed && !c.dead) {
                 c.queue(&line);
+            }
+        }
+        if !changes.is_empty() {
+            for c in self.clients.iter_mut().filter(|c| c.subscribed && !c.dead) {
                 c.flush();
             }
         }
         self.sweep(now);
-        changed
+        !changes.is_empty()
     }
 
     fn accept_all(&mut self, now: Instant) {
@@ -326,44 +336,46 @@ impl ControlServer {
         }
     }
 
-    /// Read and answer what a client sent; true if the gate changed.
-    fn read_client(c: &mut Client, gate: &mut Gate, now: Instant) -> bool {
-        let mut changed = false;
-        let mut buf = [0u8; 1024];
-        loop {
-            if c.dead || c.closing {
-                return changed;
-            }
-            let n = match c.stream.read(&mut buf) {
+    /// Read (at most [`MAX_READ_PER_WAKEUP`] bytes) and answer what a client
+    /// sent; the flags after each change are appended to `changes`.
+    fn read_client(c: &mut Client, gate: &mut Gate, now: Instant, changes: &mut Vec<GateState>) {
+        if c.dead || c.closing {
+            return;
+        }
+        let mut buf = [0u8; MAX_READ_PER_WAKEUP];
+        let n = loop {
+            match c.stream.read(&mut buf) {
                 Ok(0) => {
                     c.dead = true;
-                    return changed;
+                    return;
                 }
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return changed,
+                Ok(n) => break n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(_) => {
                     c.dead = true;
-                    return changed;
-                }
-            };
-            c.last_request = now;
-            for &b in buf.get(..n).unwrap_or(&[]) {
-                if c.closing {
-                    break;
-                }
-                if b == b'\n' {
-                    let line = std::mem::take(&mut c.input);
-                    changed |= Self::answer(c, &line, gate);
-                } else if c.input.len() >= MAX_LINE {
-                    c.queue(&format!("ERR line longer than {MAX_LINE} bytes"));
-                    c.closing = true;
-                } else {
-                    c.input.push(b);
+                    return;
                 }
             }
-            c.flush();
+        };
+        c.last_request = now;
+        for &b in buf.get(..n).unwrap_or(&[]) {
+            if c.closing {
+                break;
+            }
+            if b == b'\n' {
+                let line = std::mem::take(&mut c.input);
+                if Self::answer(c, &line, gate) {
+                    changes.push(gate.state());
+                }
+            } else if c.input.len() >= MAX_LINE {
+                c.queue(&format!("ERR line longer than {MAX_LINE} bytes"));
+                c.closing = true;
+            } else {
+                c.input.push(b);
+            }
         }
+        c.flush();
     }
 
     fn answer(c: &mut Client, line: &[u8], gate: &mut Gate) -> bool {
@@ -562,10 +574,12 @@ mod tests {
         std::thread::sleep(Duration::from_millis(20));
         assert!(!pump(&mut s, &mut gate));
         assert_eq!(read_line(&mut a), "OK output=on input=on");
-        // An over-long line ends the connection.
+        // An over-long line ends the connection (read a little per wakeup).
         a.write_all(&[b'x'; MAX_LINE + 10]).unwrap();
         std::thread::sleep(Duration::from_millis(20));
-        pump(&mut s, &mut gate);
+        for _ in 0..(MAX_LINE + 10).div_ceil(MAX_READ_PER_WAKEUP) {
+            pump(&mut s, &mut gate);
+        }
         assert!(read_line(&mut a).starts_with("ERR line longer"));
         assert_eq!(read_line(&mut a), "", "the connection is closed");
         pump(&mut s, &mut gate);

@@ -21,7 +21,7 @@ use clap::error::ErrorKind;
 use clap::{CommandFactory, Parser};
 use log::{error, info, warn};
 
-use audio::{file::FileAudio, null::Null, Audio};
+use audio::{alsa::AlsaAudio, file::FileAudio, null::Null, Audio};
 use audit::AuditLog;
 use cli::{BackendKind, Cli};
 use control_socket::ControlServer;
@@ -98,7 +98,9 @@ fn prepare(cli: &Cli) -> Result<Prepared, String> {
     let (output, input) = cli::parse_streams(&cli.initial_streams)?;
 
     match cli.backend {
-        BackendKind::Null if cli.playback_file.is_some() || cli.capture_file.is_some() => {
+        BackendKind::Null | BackendKind::Alsa
+            if cli.playback_file.is_some() || cli.capture_file.is_some() =>
+        {
             return Err("--playback-file and --capture-file need --backend file".into());
         }
         BackendKind::File if cli.playback_file.is_none() && cli.capture_file.is_none() => {
@@ -157,6 +159,16 @@ fn prepare(cli: &Cli) -> Result<Prepared, String> {
     // Only the socket we just created has to be undone.
     let audio: Box<dyn Audio> = match cli.backend {
         BackendKind::Null => Box::new(Null),
+        BackendKind::Alsa => {
+            match AlsaAudio::open(&cli.alsa_playback_device, &cli.alsa_capture_device) {
+                Ok(a) => Box::new(a),
+                Err(e) => {
+                    remove_socket(created_socket.as_deref());
+                    drop(control);
+                    return Err(e);
+                }
+            }
+        }
         BackendKind::File => {
             match FileAudio::open(cli.playback_file.as_deref(), cli.capture_file.as_deref()) {
                 Ok(a) => Box::new(a),

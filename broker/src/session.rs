@@ -13,7 +13,7 @@
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
-use log::{debug, info};
+use log::{debug, info, warn};
 use vsnd_ipc::lifecycle::{PcmCommand, PcmState, Stream};
 use vsnd_ipc::{
     codec, BrokerMsg, Capabilities, Channel, ChannelError, DeviceMsg, Direction, GateState,
@@ -128,6 +128,9 @@ struct Capture {
     queue: VecDeque<CaptureReq>,
     clock: Option<Clock>,
     source_open: bool,
+    /// Opening the host source failed; not retried until the stream is
+    /// released or input is turned off and on.
+    source_failed: bool,
 }
 
 /// A running session with one device.
@@ -207,6 +210,9 @@ impl Session {
     /// the flags at every period, so a flip takes effect within one.
     pub fn set_gate(&mut self, gate: GateState, audio: &mut dyn Audio) -> Result<(), SessionError> {
         self.gate = gate;
+        if !gate.input {
+            self.capture.source_failed = false;
+        }
         if !gate.input && self.capture.source_open {
             audio.close_capture();
             self.capture.source_open = false;
@@ -364,12 +370,20 @@ impl Session {
                 self.playback.clock = Some(Clock::new(now));
             }
             (Direction::Output, PcmCommand::Stop) => self.playback.clock = None,
+            (Direction::Output, PcmCommand::Prepare) => {
+                if let Some(params) = self.playback.params {
+                    if let Err(e) = audio.open_output(&params) {
+                        warn!("host playback unavailable ({e}); the guest's output is discarded");
+                    }
+                }
+            }
             (Direction::Output, PcmCommand::Release) => {
                 let pb = &mut self.playback;
                 pb.clock = None;
                 pb.queue.clear();
                 pb.queued = 0;
                 pb.open_buffer = None;
+                audio.close_output();
             }
             (Direction::Input, PcmCommand::Start) => {
                 self.capture.clock = Some(Clock::new(now));
@@ -378,6 +392,7 @@ impl Session {
             (Direction::Input, PcmCommand::Release) => {
                 self.capture.clock = None;
                 self.capture.queue.clear();
+                self.capture.source_failed = false;
                 if self.capture.source_open {
                     audio.close_capture();
                     self.capture.source_open = false;
@@ -472,6 +487,8 @@ impl Session {
             if let Some(bytes) = chunk.data.get(chunk.pos..chunk.pos + n) {
                 if output_on {
                     audio.play(&params, bytes);
+                } else {
+                    audio.discard(&params, bytes.len());
                 }
             }
             chunk.pos += n;
@@ -512,11 +529,23 @@ impl Session {
             data.clear();
             data.resize(len, 0);
             if input_on {
-                if !self.capture.source_open {
-                    info!("input on: host capture source opened");
-                    self.capture.source_open = true;
+                if !self.capture.source_open && !self.capture.source_failed {
+                    match audio.open_capture(&params) {
+                        Ok(()) => {
+                            info!("input on: host capture source opened");
+                            self.capture.source_open = true;
+                        }
+                        Err(e) => {
+                            warn!("host capture unavailable ({e}); the guest records silence");
+                            self.capture.source_failed = true;
+                        }
+                    }
                 }
-                audio.capture(&params, &mut data);
+                if self.capture.source_open {
+                    audio.capture(&params, &mut data);
+                } else {
+                    params.format.fill_silence(&mut data);
+                }
             } else {
                 // The gate is closed: the guest gets silence, whatever the
                 // host hears.

@@ -1,6 +1,7 @@
 //! Host audio backends. The session paces every stream by the broker's
 //! clock and consults the gate; a backend only moves bytes.
 
+pub mod alsa;
 pub mod file;
 pub mod null;
 
@@ -26,14 +27,34 @@ pub fn raw_capabilities() -> Capabilities {
     }
 }
 
-/// A host audio backend.
+/// A host audio backend. The session paces both directions by its clock
+/// and consults the gate; a backend only moves bytes, never blocks, and is
+/// never asked for capture data while input is off.
 pub trait Audio {
     /// What PCM_INFO advertises.
     fn capabilities(&self) -> Capabilities;
 
+    /// The guest prepared its playback stream with `params`.
+    fn open_output(&mut self, _params: &PcmParams) -> Result<(), String> {
+        Ok(())
+    }
+
     /// Playback data consumed at the real-time rate, only while output is
     /// enabled. `params` are the stream's parameters.
     fn play(&mut self, params: &PcmParams, data: &[u8]);
+
+    /// `len` bytes of playback were discarded because output is off (a
+    /// device backend keeps its stream fed with silence).
+    fn discard(&mut self, _params: &PcmParams, _len: usize) {}
+
+    /// The guest released its playback stream.
+    fn close_output(&mut self) {}
+
+    /// Open the host capture source; called only while input is enabled,
+    /// right before the first [`Audio::capture`].
+    fn open_capture(&mut self, _params: &PcmParams) -> Result<(), String> {
+        Ok(())
+    }
 
     /// Fill `buf` with host capture data; called only while input is
     /// enabled and a capture stream runs.

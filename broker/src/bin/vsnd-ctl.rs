@@ -99,19 +99,23 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_UNREACHABLE);
         }
     };
-    if let Err(e) = writer.write_all(format!("{request}\n").as_bytes()) {
-        eprintln!("vsnd-ctl: cannot send the request: {e}");
-        return ExitCode::from(EXIT_UNREACHABLE);
-    }
+    // The broker may have refused us before reading a word (`ERR
+    // permission denied`, `ERR too many clients`) and closed the
+    // connection, so that sending fails: its reason is still there to read.
+    let send_error = writer.write_all(format!("{request}\n").as_bytes()).err();
     let mut lines = BufReader::new(stream).lines();
     loop {
-        let line = match lines.next() {
-            Some(Ok(l)) => l,
-            Some(Err(e)) => {
+        let line = match (lines.next(), &send_error) {
+            (Some(Ok(l)), _) => l,
+            (_, Some(e)) => {
+                eprintln!("vsnd-ctl: cannot send the request: {e}");
+                return ExitCode::from(EXIT_UNREACHABLE);
+            }
+            (Some(Err(e)), None) => {
                 eprintln!("vsnd-ctl: no answer from the broker: {e}");
                 return ExitCode::from(EXIT_UNREACHABLE);
             }
-            None => {
+            (None, None) => {
                 if subscribe {
                     eprintln!("vsnd-ctl: the broker closed the connection");
                 } else {
