@@ -16,6 +16,8 @@ pub enum BackendKind {
     File,
     /// ALSA PCMs (--alsa-playback-device, --alsa-capture-device).
     Alsa,
+    /// A PipeWire daemon (the user's session, or --pipewire-remote).
+    Pipewire,
 }
 
 /// vsnd-broker: a vhost-user virtio-sound device for VMs, split so that the
@@ -60,6 +62,16 @@ pub struct Cli {
     /// the format it asked for, looping at the end.
     #[arg(long, value_name = "PATH")]
     pub capture_file: Option<PathBuf>,
+
+    /// PipeWire backend: the daemon to connect to (its remote name, e.g.
+    /// `pipewire-0`); default: the usual one of this user's session.
+    #[arg(long, value_name = "NAME")]
+    pub pipewire_remote: Option<String>,
+
+    /// The name mixers show for this VM's streams (default: the vhost-user
+    /// socket's file name without extension).
+    #[arg(long, value_name = "NAME")]
+    pub name: Option<String>,
 
     /// ALSA backend: the playback PCM.
     #[arg(long, value_name = "PCM", default_value = "default")]

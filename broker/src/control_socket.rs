@@ -253,6 +253,8 @@ impl ControlServer {
             }
         }
         if revents.first().is_some_and(|e| !e.is_empty()) {
+            // Clients that just left make room for those arriving.
+            self.clients.retain(|c| !c.dead);
             self.accept_all(now);
         }
         for state in &changes {
@@ -586,6 +588,48 @@ mod tests {
         assert_eq!(s.clients(), 1, "only the subscriber is left");
         drop(s);
         assert!(!dir.join("ctl.sock").exists(), "the socket is removed");
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[test]
+    fn every_change_is_an_event_and_a_wakeup_reads_a_little() {
+        let dir = std::env::temp_dir().join(format!("vsnd-ctl-ev-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut s = server(&dir);
+        let mut gate = Gate::new(true, false, crate::audit::AuditLog::open(None).unwrap());
+        let mut a = UnixStream::connect(dir.join("ctl.sock")).unwrap();
+        let mut sub = UnixStream::connect(dir.join("ctl.sock")).unwrap();
+        pump(&mut s, &mut gate);
+        sub.write_all(b"SUBSCRIBE\n").unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+        pump(&mut s, &mut gate);
+        assert_eq!(read_line(&mut sub), "OK output=on input=off");
+        // Three changes in one read: three events, in order.
+        a.write_all(b"SET input on\nSET input off\nSET input on\n")
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+        assert!(pump(&mut s, &mut gate));
+        for want in ["on", "off", "on"] {
+            assert_eq!(read_line(&mut sub), format!("EVENT output=on input={want}"));
+        }
+        for _ in 0..3 {
+            assert!(read_line(&mut a).starts_with("OK"));
+        }
+        // Pipelined requests are answered a few per wakeup.
+        a.write_all(&b"QUERY\n".repeat(40)).unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+        pump(&mut s, &mut gate);
+        a.set_nonblocking(true).unwrap();
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = a.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            got.extend_from_slice(&buf[..n]);
+        }
+        let answers = got.iter().filter(|&&b| b == b'\n').count();
+        assert_eq!(answers, MAX_READ_PER_WAKEUP / b"QUERY\n".len());
         std::fs::remove_dir_all(&dir).ok();
     }
 }

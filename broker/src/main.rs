@@ -21,7 +21,7 @@ use clap::error::ErrorKind;
 use clap::{CommandFactory, Parser};
 use log::{error, info, warn};
 
-use audio::{alsa::AlsaAudio, file::FileAudio, null::Null, Audio};
+use audio::{alsa::AlsaAudio, file::FileAudio, null::Null, pipewire::PipeWireAudio, Audio};
 use audit::AuditLog;
 use cli::{BackendKind, Cli};
 use control_socket::ControlServer;
@@ -98,7 +98,7 @@ fn prepare(cli: &Cli) -> Result<Prepared, String> {
     let (output, input) = cli::parse_streams(&cli.initial_streams)?;
 
     match cli.backend {
-        BackendKind::Null | BackendKind::Alsa
+        BackendKind::Null | BackendKind::Alsa | BackendKind::Pipewire
             if cli.playback_file.is_some() || cli.capture_file.is_some() =>
         {
             return Err("--playback-file and --capture-file need --backend file".into());
@@ -157,27 +157,25 @@ fn prepare(cli: &Cli) -> Result<Prepared, String> {
     // .wav playback file, so no later check may fail (a second broker on a
     // busy socket, a typo in another argument must not wipe a recording).
     // Only the socket we just created has to be undone.
-    let audio: Box<dyn Audio> = match cli.backend {
-        BackendKind::Null => Box::new(Null),
-        BackendKind::Alsa => {
-            match AlsaAudio::open(&cli.alsa_playback_device, &cli.alsa_capture_device) {
-                Ok(a) => Box::new(a),
-                Err(e) => {
-                    remove_socket(created_socket.as_deref());
-                    drop(control);
-                    return Err(e);
-                }
-            }
-        }
+    let opened: Result<Box<dyn Audio>, String> = match cli.backend {
+        BackendKind::Null => Ok(Box::new(Null)),
         BackendKind::File => {
-            match FileAudio::open(cli.playback_file.as_deref(), cli.capture_file.as_deref()) {
-                Ok(a) => Box::new(a),
-                Err(e) => {
-                    remove_socket(created_socket.as_deref());
-                    drop(control);
-                    return Err(e);
-                }
-            }
+            FileAudio::open(cli.playback_file.as_deref(), cli.capture_file.as_deref())
+                .map(|a| Box::new(a) as Box<dyn Audio>)
+        }
+        BackendKind::Alsa => AlsaAudio::open(&cli.alsa_playback_device, &cli.alsa_capture_device)
+            .map(|a| Box::new(a) as Box<dyn Audio>),
+        BackendKind::Pipewire => {
+            PipeWireAudio::new(&stream_name(cli), cli.pipewire_remote.as_deref())
+                .map(|a| Box::new(a) as Box<dyn Audio>)
+        }
+    };
+    let audio = match opened {
+        Ok(a) => a,
+        Err(e) => {
+            remove_socket(created_socket.as_deref());
+            drop(control);
+            return Err(e);
         }
     };
     match &created_socket {
@@ -193,6 +191,27 @@ fn prepare(cli: &Cli) -> Result<Prepared, String> {
         gate,
         control,
     })
+}
+
+/// The name mixers show: --name, else the socket's file stem, else "vm".
+fn stream_name(cli: &Cli) -> String {
+    let raw = cli.name.clone().unwrap_or_else(|| {
+        cli.socket
+            .as_deref()
+            .and_then(|p| p.file_stem())
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "vm".into())
+    });
+    // Node names are identifiers: keep them to a safe character set.
+    raw.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "-_.".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
 }
 
 /// The (uid, gid) the device runs as: `name`'s when the broker is root,

@@ -195,17 +195,22 @@ impl Supervisor {
             if now >= deadline {
                 return false;
             }
-            let wake = match self.control.as_ref().and_then(|c| c.next_deadline()) {
-                Some(t) => t.min(deadline),
-                None => deadline,
-            };
-            let (sig_ready, ctl_events) = {
+            let wake = earliest([
+                Some(deadline),
+                self.control.as_ref().and_then(|c| c.next_deadline()),
+                self.audio.next_deadline(),
+            ])
+            .unwrap_or(deadline);
+            let (sig_ready, audio_ready, ctl_events) = {
                 let ctl_set = self
                     .control
                     .as_ref()
                     .map(|c| c.poll_set())
                     .unwrap_or_default();
-                let mut fds = vec![PollFd::new(self.signals.as_fd(), PollFlags::POLLIN)];
+                let mut fds = vec![
+                    PollFd::new(self.signals.as_fd(), PollFlags::POLLIN),
+                    audio_pollfd(self.audio.as_ref(), self.signals.as_fd()),
+                ];
                 fds.extend(ctl_set.iter().map(|(fd, f)| PollFd::new(*fd, *f)));
                 let _ = nix::poll::ppoll(
                     &mut fds,
@@ -218,9 +223,14 @@ impl Supervisor {
                     .collect();
                 (
                     ev.first().is_some_and(|e| !e.is_empty()),
-                    ev.get(1..).map(<[_]>::to_vec).unwrap_or_default(),
+                    ev.get(1).is_some_and(|e| !e.is_empty()),
+                    ev.get(2..).map(<[_]>::to_vec).unwrap_or_default(),
                 )
             };
+            let now = Instant::now();
+            if audio_ready || self.audio.next_deadline().is_some_and(|t| now >= t) {
+                self.audio.dispatch(now);
+            }
             if let Some(ctl) = self.control.as_mut() {
                 ctl.on_events(&ctl_events, &mut self.gate, Instant::now());
             }
@@ -257,13 +267,11 @@ impl Supervisor {
             if let Err(e) = session.on_tick(self.audio.as_mut(), now) {
                 return self.session_failed(&mut child, e);
             }
-            let wake = match (
+            let wake = earliest([
                 session.next_deadline(),
                 self.control.as_ref().and_then(|c| c.next_deadline()),
-            ) {
-                (Some(a), Some(b)) => Some(a.min(b)),
-                (a, b) => a.or(b),
-            };
+                self.audio.next_deadline(),
+            ]);
             let timeout = wake.map(|d| TimeSpec::from_duration(d.saturating_duration_since(now)));
             let mut flags = PollFlags::POLLIN;
             if session.wants_write() {
@@ -274,7 +282,7 @@ impl Supervisor {
             } else {
                 PollFlags::empty()
             };
-            let (sig_ready, ch_events, log_ready, ctl_events) = {
+            let (sig_ready, ch_events, log_ready, audio_ready, ctl_events) = {
                 let ctl_set = self
                     .control
                     .as_ref()
@@ -284,6 +292,7 @@ impl Supervisor {
                     PollFd::new(self.signals.as_fd(), PollFlags::POLLIN),
                     PollFd::new(session.channel().as_fd(), flags),
                     PollFd::new(log.as_fd(), log_flags),
+                    audio_pollfd(self.audio.as_ref(), self.signals.as_fd()),
                 ];
                 fds.extend(ctl_set.iter().map(|(fd, f)| PollFd::new(*fd, *f)));
                 match nix::poll::ppoll(&mut fds, timeout, None) {
@@ -300,9 +309,14 @@ impl Supervisor {
                     get(0).contains(PollFlags::POLLIN),
                     get(1),
                     !get(2).is_empty(),
-                    ev.get(3..).map(<[_]>::to_vec).unwrap_or_default(),
+                    !get(3).is_empty(),
+                    ev.get(4..).map(<[_]>::to_vec).unwrap_or_default(),
                 )
             };
+            let now = Instant::now();
+            if audio_ready || self.audio.next_deadline().is_some_and(|t| now >= t) {
+                self.audio.dispatch(now);
+            }
             if let Some(ctl) = self.control.as_mut() {
                 if ctl.on_events(&ctl_events, &mut self.gate, Instant::now()) {
                     if let Err(e) = session.set_gate(self.gate.state(), self.audio.as_mut()) {
@@ -363,6 +377,20 @@ impl Supervisor {
                 stop_device(child, Some(e.to_string()))
             }
         }
+    }
+}
+
+/// The earliest of some optional instants.
+fn earliest<const N: usize>(times: [Option<Instant>; N]) -> Option<Instant> {
+    times.into_iter().flatten().min()
+}
+
+/// The backend's descriptor to poll, or a placeholder that never fires (so
+/// that every poll set has the same layout).
+fn audio_pollfd<'a>(audio: &'a dyn Audio, placeholder: BorrowedFd<'a>) -> PollFd<'a> {
+    match audio.poll_fd() {
+        Some(fd) => PollFd::new(fd, PollFlags::POLLIN),
+        None => PollFd::new(placeholder, PollFlags::empty()),
     }
 }
 

@@ -4,6 +4,7 @@
 pub mod alsa;
 pub mod file;
 pub mod null;
+pub mod pipewire;
 
 use vsnd_ipc::{Capabilities, PcmParams, SampleFormat};
 
@@ -62,4 +63,20 @@ pub trait Audio {
 
     /// Input was disabled or its stream released: close the host source.
     fn close_capture(&mut self);
+
+    /// A descriptor the broker's loop must poll for this backend (PipeWire's
+    /// loop), if any; [`Audio::dispatch`] runs when it is readable.
+    fn poll_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        None
+    }
+
+    /// When [`Audio::dispatch`] must run even without activity (a
+    /// reconnect timer), if ever.
+    fn next_deadline(&self) -> Option<std::time::Instant> {
+        None
+    }
+
+    /// Do the backend's own work (its descriptor was readable or its
+    /// deadline passed). Never blocks.
+    fn dispatch(&mut self, _now: std::time::Instant) {}
 }
