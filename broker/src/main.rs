@@ -33,7 +33,9 @@ use supervisor::{handled_signals, DeviceSpec, RunEnd, Supervisor};
 const EXIT_USAGE: u8 = 2;
 
 fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
+        .format_timestamp_millis()
+        .init();
     let cli = Cli::parse();
 
     // Before anything else (and before any thread): our signals are read from

@@ -453,7 +453,16 @@ impl SndBackend {
                 Err(e) => broker_gone(&format!("bad message from the broker: {e}")),
             };
             let Some(mem) = mem.as_deref() else {
-                debug!("broker message before guest memory was set: {msg:?}");
+                match msg {
+                    // No guest yet (the device waits for its VM, or the VM
+                    // has not set up memory): nothing to notify, but the
+                    // jacks it will read must be the flags as they are now.
+                    BrokerMsg::Gate(gate) => {
+                        self.gate = gate;
+                        self.model.set_gate(gate);
+                    }
+                    other => debug!("broker message before guest memory was set: {other:?}"),
+                }
                 continue;
             };
             self.broker_msg(msg, mem, vrings);

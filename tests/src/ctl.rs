@@ -93,7 +93,7 @@ impl GatedBroker {
             BrokerOptions {
                 initial_streams: initial.into(),
                 capture,
-                rust_log: "info".into(),
+                rust_log: std::env::var("VSND_TEST_RUST_LOG").unwrap_or_else(|_| "info".into()),
                 extra_args,
                 ..BrokerOptions::default()
             },
@@ -104,16 +104,19 @@ impl GatedBroker {
             audit,
             dir,
         };
-        let deadline = Instant::now() + ANSWER_TIMEOUT;
-        while !b.ctl.exists() {
-            assert!(
-                Instant::now() < deadline,
-                "expected the control socket {} within {ANSWER_TIMEOUT:?}, got none; broker log:\n{}",
-                b.ctl.display(),
-                b.broker.log_tail()
-            );
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        // The start-up records are written once the control socket
+        // listens; after them the broker is ready.
+        let ready = wait_for(ANSWER_TIMEOUT, || {
+            (b.audit_lines().len() >= 2).then_some(())
+        });
+        assert!(
+            ready.is_some(),
+            "expected the control socket {} and two start-up audit records within \
+             {ANSWER_TIMEOUT:?}, got {:?}; broker log:\n{}",
+            b.ctl.display(),
+            b.audit_lines(),
+            b.broker.log_tail()
+        );
         b
     }
 
@@ -212,6 +215,15 @@ impl CtlClient {
             stream: UnixStream::connect(path)?,
             buf: Vec::new(),
         })
+    }
+
+    /// A client on an already connected socket (e.g. a clone of another
+    /// client's, to read its answers in another thread).
+    pub fn from_stream(stream: UnixStream) -> Self {
+        CtlClient {
+            stream,
+            buf: Vec::new(),
+        }
     }
 
     /// The socket.
@@ -440,7 +452,7 @@ pub fn open_files(pid: u32) -> Vec<PathBuf> {
 /// Whether `pid` has `path` open.
 pub fn has_open(pid: u32, path: &Path) -> bool {
     let want = fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
-    open_files(pid).iter().any(|p| *p == want)
+    open_files(pid).contains(&want)
 }
 
 /// VmRSS of `pid` in KiB.

@@ -48,9 +48,10 @@ const QUIET: Duration = Duration::from_millis(300);
 const ROUND_TRIP_BOUND: Duration = Duration::from_secs(1);
 /// How many RX/TX buffers a streaming test keeps in flight.
 const IN_FLIGHT: usize = 4;
-/// A flip takes effect within one period; buffers already generated or in
-/// flight when the answer came may still carry the old state.
-const STALE_BUFFERS: usize = 3;
+/// A flip takes effect from the next period the broker generates; buffers
+/// it generated before (at most the ones in flight) may still come back
+/// with the old state.
+const STALE_BUFFERS: usize = IN_FLIGHT;
 
 // vsnd-ctl's exit codes.
 const CTL_OK: i32 = 0;
@@ -58,6 +59,14 @@ const CTL_REFUSED: i32 = 1;
 const CTL_USAGE: i32 = 2;
 const CTL_UNREACHABLE: i32 = 3;
 const CTL_DENIED: i32 = 4;
+
+/// The permission tests start clients as other users.
+fn require_root() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "this test runs clients as {NOBODY} and uid 65533, so it must run as root (as CI does)"
+    );
+}
 
 fn gated(tag: &str) -> GatedBroker {
     GatedBroker::start(tag, "output", loud_pattern(CAPTURE_LEN), &[])
@@ -139,7 +148,11 @@ fn control_protocol_through_socat() {
         "an endless line: expected `ERR line longer…`, got {first:?}"
     );
     let next = c.read_line(ANSWER_TIMEOUT);
-    assert_eq!(next, Line::Closed, "after an over-long line: expected the connection closed");
+    assert_eq!(
+        next,
+        Line::Closed,
+        "after an over-long line: expected the connection closed"
+    );
     assert_ok(&b, &b.query(), "OK output=on input=off", "QUERY afterwards");
 }
 
@@ -197,7 +210,10 @@ fn vsnd_ctl_answers_and_exit_codes() {
 fn subscribers_hear_every_change() {
     let b = gated("gate-subscribe");
     let mut raw = b.client();
-    assert_eq!(raw.request("SUBSCRIBE").as_deref(), Ok("OK output=on input=off"));
+    assert_eq!(
+        raw.request("SUBSCRIBE").as_deref(),
+        Ok("OK output=on input=off")
+    );
 
     // A second subscriber: vsnd-ctl, its lines read in a thread.
     let mut child = Command::new(bin_path("vsnd-ctl"))
@@ -235,7 +251,11 @@ fn subscribers_hear_every_change() {
         ("input", "off"),
     ] {
         let out = vsnd_ctl(&b.ctl, &["set", dir, value], None);
-        assert_eq!(out.code(), Some(CTL_OK), "vsnd-ctl set {dir} {value}: {out}");
+        assert_eq!(
+            out.code(),
+            Some(CTL_OK),
+            "vsnd-ctl set {dir} {value}: {out}"
+        );
     }
     let want = [
         "output=on input=on",
@@ -254,13 +274,20 @@ fn subscribers_hear_every_change() {
         assert_eq!(got.as_deref(), Ok(w), "vsnd-ctl subscribe: expected {w:?}");
     }
     // A SET to the current value is no change: no event.
-    assert_eq!(raw.read_line(QUIET), Line::Timeout, "raw subscriber: no further event");
+    assert_eq!(
+        raw.read_line(QUIET),
+        Line::Timeout,
+        "raw subscriber: no further event"
+    );
     assert!(
         rx.recv_timeout(Duration::from_millis(50)).is_err(),
         "vsnd-ctl subscribe: no further event"
     );
     // A subscriber is still a client: QUERY on the same connection works.
-    assert_eq!(raw.request("QUERY").as_deref(), Ok("OK output=on input=off"));
+    assert_eq!(
+        raw.request("QUERY").as_deref(),
+        Ok("OK output=on input=off")
+    );
     let _ = child.kill();
     let _ = child.wait();
 }
@@ -302,7 +329,10 @@ fn socket_file_is_0600_owned_by_the_broker_and_removed_at_exit() {
         }
         let own = nix::unistd::getuid().as_raw();
         if meta.uid() != own {
-            return Err(format!("expected owner uid {own} (the broker's), got {}", meta.uid()));
+            return Err(format!(
+                "expected owner uid {own} (the broker's), got {}",
+                meta.uid()
+            ));
         }
         let mut c = CtlClient::connect(&ctl).map_err(|e| e.to_string())?;
         let q = c.request("QUERY")?;
@@ -323,7 +353,10 @@ fn socket_file_is_0600_owned_by_the_broker_and_removed_at_exit() {
     if let Err(e) = result {
         panic!("{e}; broker log:\n{log}");
     }
-    assert!(status.success(), "expected exit 0 after SIGTERM, got {status}; log:\n{log}");
+    assert!(
+        status.success(),
+        "expected exit 0 after SIGTERM, got {status}; log:\n{log}"
+    );
     assert!(
         !ctl.exists(),
         "expected the control socket to be removed at exit; log:\n{log}"
@@ -332,6 +365,7 @@ fn socket_file_is_0600_owned_by_the_broker_and_removed_at_exit() {
 
 #[test]
 fn a_user_without_access_cannot_even_connect() {
+    require_root();
     let b = gated("gate-no-access");
     let nobody = user(NOBODY);
     let out = vsnd_ctl(&b.ctl, &["set", "input", "on"], Some(nobody));
@@ -350,22 +384,36 @@ fn a_user_without_access_cannot_even_connect() {
         "socat as {NOBODY} on a 0600 socket: expected a failed connect, got {out}"
     );
     assert_ok(&b, &b.query(), "OK output=on input=off", "QUERY");
-    assert_eq!(b.audit_lines().len(), 2, "no change audited: {:#?}", b.audit_lines());
+    assert_eq!(
+        b.audit_lines().len(),
+        2,
+        "no change audited: {:#?}",
+        b.audit_lines()
+    );
 }
 
 #[test]
 fn a_peer_that_is_not_allowed_is_refused_after_connecting() {
     // The file mode is the first fence; SO_PEERCRED is the second. Open the
     // first (as a careless admin might) and check the second holds.
+    require_root();
     let b = gated("gate-peercred");
     std::fs::set_permissions(&b.ctl, std::fs::Permissions::from_mode(0o666)).unwrap();
     let nobody = user(NOBODY);
 
-    let out = socat(&b.ctl, b"SET input on\nQUERY\n", Some(nobody));
+    // socat -u only reads (a refused client's writes may fail once the
+    // broker has closed, and socat then gives up before reading).
+    let mut cmd = Command::new("socat");
+    cmd.args(["-u", "-t", "2"])
+        .arg(format!("UNIX-CONNECT:{}", b.ctl.display()))
+        .arg("-");
+    vsnd_tests::ctl::run_as(&mut cmd, nobody);
+    let out = vsnd_tests::ctl::run(cmd, b"");
     assert_eq!(
-        out.stdout, "ERR permission denied\n",
+        (out.stdout.as_str(), out.status.is_some()),
+        ("ERR permission denied\n", true),
         "socat as {NOBODY}: expected `ERR permission denied` and then the end of the \
-         connection (no answer to anything it sent), got {out}"
+         connection, got {out}"
     );
     let out = vsnd_ctl(&b.ctl, &["set", "input", "on"], Some(nobody));
     assert_eq!(
@@ -377,8 +425,18 @@ fn a_peer_that_is_not_allowed_is_refused_after_connecting() {
         out.stderr.contains("permission denied"),
         "vsnd-ctl as {NOBODY}: expected the reason on stderr, got {out}"
     );
-    assert_ok(&b, &b.query(), "OK output=on input=off", "QUERY after the refusals");
-    assert_eq!(b.audit_lines().len(), 2, "no change audited: {:#?}", b.audit_lines());
+    assert_ok(
+        &b,
+        &b.query(),
+        "OK output=on input=off",
+        "QUERY after the refusals",
+    );
+    assert_eq!(
+        b.audit_lines().len(),
+        2,
+        "no change audited: {:#?}",
+        b.audit_lines()
+    );
     let (uid, _) = nobody;
     assert!(
         b.broker
@@ -391,6 +449,7 @@ fn a_peer_that_is_not_allowed_is_refused_after_connecting() {
 
 #[test]
 fn an_allowed_uid_gets_in_through_an_acl() {
+    require_root();
     let nobody = user(NOBODY);
     let allow = nobody.0.to_string();
     let b = GatedBroker::start(
@@ -413,11 +472,13 @@ fn an_allowed_uid_gets_in_through_an_acl() {
     );
     let audit = b.audit_lines();
     let last = audit.last().cloned().unwrap_or_default();
+    let want = format!(
+        " input off -> on uid={allow} pid={} comm=\"vsnd-ctl\" source=control-socket",
+        out.pid
+    );
     assert!(
-        last.contains(&format!(
-            " input off -> on uid={allow} pid={} comm=\"vsnd-ctl\" source=control-socket"
-        ), out.pid)),
-        "expected the change audited with uid {allow}, got {audit:#?}"
+        last.ends_with(&want),
+        "expected the change audited as `…{want}`, got {audit:#?}"
     );
 
     // A uid that is neither allowed nor the broker's: the ACL gives it no
@@ -432,7 +493,12 @@ fn an_allowed_uid_gets_in_through_an_acl() {
         Some(CTL_DENIED) => {}
         _ => panic!("uid 65533: expected exit {CTL_UNREACHABLE} or {CTL_DENIED}, got {out}"),
     }
-    assert_ok(&b, &b.query(), "OK output=on input=on", "QUERY after the stranger");
+    assert_ok(
+        &b,
+        &b.query(),
+        "OK output=on input=on",
+        "QUERY after the stranger",
+    );
     assert_eq!(b.audit_lines().len(), 3, "{:#?}", b.audit_lines());
 }
 
@@ -462,7 +528,11 @@ fn clients_are_bounded_and_a_slow_reader_stalls_no_one() {
         "client {}: expected to be turned away",
         MAX_CLIENTS + 1
     );
-    assert_eq!(extra.read_line(ANSWER_TIMEOUT), Line::Closed, "and disconnected");
+    assert_eq!(
+        extra.read_line(ANSWER_TIMEOUT),
+        Line::Closed,
+        "and disconnected"
+    );
     let out = vsnd_ctl(&b.ctl, &["query"], None);
     assert_eq!(
         out.code(),
@@ -480,29 +550,22 @@ fn clients_are_bounded_and_a_slow_reader_stalls_no_one() {
         let mut c = CtlClient::connect(&b.ctl).ok()?;
         c.request("QUERY").ok().filter(|a| a.starts_with("OK"))
     });
-    assert!(again.is_some(), "expected a new client to get in after one left");
+    assert!(
+        again.is_some(),
+        "expected a new client to get in after one left"
+    );
     drop(idle);
 
-    // A subscriber that never reads, a subscriber that does, a client that
-    // measures QUERY round trips, and one that flips input 2000 times.
+    // A subscriber that never reads, one that does, a client that measures
+    // QUERY round trips, and one that flips input 2000 times.
     const FLIPS: usize = 2000;
-    let mut sleeper = b.client();
-    assert_eq!(sleeper.request("SUBSCRIBE").as_deref(), Ok("OK output=on input=off"));
-    let mut reader = b.client();
-    assert_eq!(reader.request("SUBSCRIBE").as_deref(), Ok("OK output=on input=off"));
-    let reader_t = std::thread::spawn(move || {
-        let mut events = 0;
-        loop {
-            match reader.read_line(ANSWER_TIMEOUT) {
-                Line::Line(l) if l.starts_with("EVENT ") => events += 1,
-                Line::Line(_) => {}
-                Line::Closed | Line::Timeout => return events,
-            }
-            if events == FLIPS {
-                return events;
-            }
-        }
-    });
+    // (Once the broker has seen the idle clients go.)
+    let mut sleeper = wait_for(PROMPT, || {
+        let mut c = CtlClient::connect(&b.ctl).ok()?;
+        (c.request("SUBSCRIBE").ok()? == "OK output=on input=off").then_some(c)
+    })
+    .unwrap_or_else(|| panic!("expected to subscribe once the idle clients left"));
+    let reader_t = subscriber(&b, FLIPS);
     let (stop_tx, stop_rx) = mpsc::channel::<()>();
     let mut prober = b.client();
     let prober_t = std::thread::spawn(move || {
@@ -538,14 +601,18 @@ fn clients_are_bounded_and_a_slow_reader_stalls_no_one() {
     let events = reader_t.join().unwrap();
     eprintln!(
         "{FLIPS} flips took {flips_took:?}; {probes} QUERY round trips meanwhile, the slowest \
-         {slowest:?}; the reading subscriber got {events} events"
+         {slowest:?}"
+    );
+    assert_eq!(
+        events.len(),
+        FLIPS,
+        "expected the subscriber that reads to get one event per flip"
     );
     assert!(
         slowest < ROUND_TRIP_BOUND && probes > 0,
         "expected QUERY round trips under {ROUND_TRIP_BOUND:?} during the flips, the slowest \
          of {probes} took {slowest:?}"
     );
-    assert_eq!(events, FLIPS, "expected the reading subscriber to get every event");
 
     // The sleeper was dropped once its queue was full: it can read what
     // was queued, then the end of the connection, long before 2000 events.
@@ -563,6 +630,117 @@ fn clients_are_bounded_and_a_slow_reader_stalls_no_one() {
     );
     eprintln!("the subscriber that never read got {got} events before it was dropped");
     assert_eq!(b.audit_lines().len(), 2 + FLIPS, "one audit line per flip");
+}
+
+/// A subscriber reading in a thread until it has `n` events (or 5 s pass
+/// without one); returns the events.
+fn subscriber(b: &GatedBroker, n: usize) -> std::thread::JoinHandle<Vec<String>> {
+    let mut c = b.client();
+    assert_eq!(
+        c.request("SUBSCRIBE").as_deref(),
+        Ok("OK output=on input=off")
+    );
+    std::thread::spawn(move || {
+        let mut events = Vec::new();
+        while events.len() < n {
+            match c.read_line(ANSWER_TIMEOUT) {
+                Line::Line(l) => events.push(l),
+                Line::Closed | Line::Timeout => break,
+            }
+        }
+        events
+    })
+}
+
+#[test]
+fn a_client_pipelining_changes_stalls_neither_audio_nor_other_clients() {
+    // Each change is also synced to the audit log: a client that sends
+    // thousands of changes in one write must be served a few at a time,
+    // between periods of audio and the other clients' requests.
+    const FLIPS: usize = 4000;
+    let b = gated("gate-pipeline");
+    let mut fe = b.broker.connect(FrontendOptions::default());
+    let cap = Capture::start(&mut fe, PcmConfig::s16_stereo_48k(10));
+    for _ in 0..5 {
+        cap.next(&mut fe, &b);
+    }
+    let events_t = subscriber(&b, FLIPS);
+    let mut flooder = b.client();
+    // Its answers are read in a thread, so that its queue never fills.
+    let mut answers =
+        CtlClient::from_stream(flooder.stream().try_clone().expect("clone the socket"));
+    let answers_t = std::thread::spawn(move || {
+        let mut n = 0;
+        while n < FLIPS {
+            match answers.read_line(ANSWER_TIMEOUT) {
+                Line::Line(l) if l.starts_with("OK") => n += 1,
+                _ => break,
+            }
+        }
+        n
+    });
+    let burst: String = (0..FLIPS)
+        .map(|i| {
+            if i % 2 == 0 {
+                "SET input on\n"
+            } else {
+                "SET input off\n"
+            }
+        })
+        .collect();
+    let writer_t = std::thread::spawn(move || flooder.send_raw(burst.as_bytes()));
+
+    let mut prober = b.client();
+    let t0 = Instant::now();
+    let (mut slowest_query, mut longest_gap) = (Duration::ZERO, Duration::ZERO);
+    let mut last = Instant::now();
+    while !answers_t.is_finished() && t0.elapsed() < Duration::from_secs(15) {
+        let (at, _) = cap.next(&mut fe, &b);
+        longest_gap = longest_gap.max(at - last);
+        last = at;
+        let q = Instant::now();
+        let a = prober.request("QUERY");
+        slowest_query = slowest_query.max(q.elapsed());
+        assert!(a.is_ok(), "QUERY during the flood: {a:?}");
+    }
+    let took = t0.elapsed();
+    let answered = answers_t.join().unwrap();
+    writer_t.join().unwrap().expect("send the burst");
+    let events = events_t.join().unwrap();
+    eprintln!(
+        "{FLIPS} pipelined changes answered in {took:?}; meanwhile the longest gap between \
+         capture buffers was {longest_gap:?} and the slowest QUERY {slowest_query:?}"
+    );
+    assert_eq!(
+        answered, FLIPS,
+        "expected every pipelined SET to be answered"
+    );
+    assert!(
+        longest_gap < Duration::from_millis(500) && slowest_query < ROUND_TRIP_BOUND,
+        "expected audio and other clients to keep going during the flood (10 ms periods, \
+         QUERY under {ROUND_TRIP_BOUND:?}), got a {longest_gap:?} gap between capture buffers \
+         and a {slowest_query:?} QUERY"
+    );
+    assert_eq!(events.len(), FLIPS, "expected one EVENT per change");
+    let wrong: Vec<(usize, &String)> = events
+        .iter()
+        .enumerate()
+        .filter(|(i, e)| {
+            let want = if i % 2 == 0 { "on" } else { "off" };
+            **e != format!("EVENT output=on input={want}")
+        })
+        .collect();
+    assert!(
+        wrong.is_empty(),
+        "expected the events to alternate input=on, input=off like the changes, got (index, \
+         event) {:?}…",
+        &wrong[..wrong.len().min(5)]
+    );
+    assert_eq!(
+        b.audit_lines().len(),
+        2 + FLIPS,
+        "one audit line per change"
+    );
 }
 
 // ---------------------------------------------------------------------------
@@ -621,7 +799,10 @@ fn every_change_is_audited_once_with_who_made_it() {
     let rest: Vec<&str> = start.iter().map(|l| audit_record(l)).collect();
     assert_eq!(
         rest,
-        ["output on (initial) source=start-up", "input off (initial) source=start-up"],
+        [
+            "output on (initial) source=start-up",
+            "input off (initial) source=start-up"
+        ],
         "the audit log after start-up"
     );
 
@@ -744,7 +925,10 @@ fn capture_is_silence_while_input_is_off_and_the_file_when_it_is_on() {
 
     // On while capturing: the file's bytes, from its start, within a period.
     let mut admin = b.client();
-    assert_eq!(admin.request("SET input on").as_deref(), Ok("OK output=on input=on"));
+    assert_eq!(
+        admin.request("SET input on").as_deref(),
+        Ok("OK output=on input=on")
+    );
     let flipped = Instant::now();
     let mut stale = 0;
     let (first_at, first) = loop {
@@ -779,7 +963,10 @@ fn capture_is_silence_while_input_is_off_and_the_file_when_it_is_on() {
     );
 
     // Off again: zeros within a period, and the file closed.
-    assert_eq!(admin.request("SET input off").as_deref(), Ok("OK output=on input=off"));
+    assert_eq!(
+        admin.request("SET input off").as_deref(),
+        Ok("OK output=on input=off")
+    );
     let mut stale = 0;
     loop {
         let (_, data) = cap.next(&mut fe, &b);
@@ -926,7 +1113,11 @@ fn jacks_follow_the_flags() {
     ] {
         assert!(b.request(request).starts_with("OK"), "{request}");
         expect_event(&mut fe, &b, code, jack, &format!("after {request}"));
-        assert_eq!(jacks(&mut fe), state, "jacks (output, input) after {request}");
+        assert_eq!(
+            jacks(&mut fe),
+            state,
+            "jacks (output, input) after {request}"
+        );
     }
     assert!(b.request("SET output on").starts_with("OK"));
     match fe.wait_used(snd::QUEUE_EVENT, QUIET) {
@@ -946,7 +1137,12 @@ fn a_vm_connecting_after_a_change_sees_the_jacks_as_they_are() {
             .contains("waiting for a vhost-user frontend")
             .then_some(())
     })
-    .unwrap_or_else(|| panic!("expected the device to wait for a VM; log:\n{}", b.log_tail()));
+    .unwrap_or_else(|| {
+        panic!(
+            "expected the device to wait for a VM; log:\n{}",
+            b.log_tail()
+        )
+    });
     assert_eq!(b.request("SET input on"), "OK output=on input=on");
     assert_eq!(b.request("SET output off"), "OK output=off input=on");
     let mut fe = b.broker.connect(FrontendOptions::default());

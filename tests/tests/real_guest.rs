@@ -12,7 +12,16 @@
 //! * `record`: what the guest recorded == the start of `capture.raw`;
 //! * `duplex`: both at once;
 //! * `reconnect`: one broker, two guests one after the other on the same
-//!   socket (the second served by the fresh device the broker started).
+//!   socket (the second served by the fresh device the broker started);
+//! * `gate`: the broker starts with its defaults (input OFF), a control
+//!   socket and an audit log, and a loud `capture.raw`. The guest records
+//!   3 s; about a second into it the test runs `vsnd-ctl set input on`. The
+//!   recording must be exact zeros, then exactly `capture.raw` from its
+//!   first byte, switching at a period boundary within one period of the
+//!   SET; the guest's ALSA must show the mic jack unplugged before and
+//!   plugged after; the audit log must name `vsnd-ctl`;
+//! * `gate_off_is_silence`: the same broker, no SET: every recorded byte is
+//!   0, the host capture file is never opened, the jack stays unplugged.
 //!
 //! Every test also checks that the broker's device was never killed by
 //! seccomp; when it was, the failure message starts with the reporter's line,
@@ -25,7 +34,8 @@
 //! * `VSND_REAL_GUEST_BROKER_CMD`: replace the broker command line; words are
 //!   split on whitespace, `{socket}` and `{dir}` are substituted. E.g.
 //!   `/path/vhost-device-sound --socket {socket} --backend null` to run the
-//!   fixture against upstream.
+//!   fixture against upstream. The gate tests ignore it (they need
+//!   vsnd-broker's control socket and audit log).
 //! * `VSND_REAL_GUEST_KEEP=1`: keep the temporary directory even on success.
 
 use std::fs::{self, File};
@@ -58,13 +68,33 @@ const FORMAT: &str = "S16_LE";
 const BYTES_PER_FRAME: usize = 2 * CHANNELS as usize;
 /// PCM bytes played and/or recorded by each test: 2 s.
 const PCM_BYTES: usize = 2 * RATE as usize * BYTES_PER_FRAME;
-/// `capture.raw` is longer than what the guest records, so that the broker's
-/// looping of the capture file never comes into play.
+/// `capture.raw` is longer than what any test records, so that the
+/// broker's looping of the capture file never comes into play.
 const CAPTURE_FILE_BYTES: usize = 2 * PCM_BYTES;
+/// What the guest records in `real_guest_gate`: 3 s.
+const GATE_PCM_BYTES: usize = 3 * RATE as usize * BYTES_PER_FRAME;
+/// What the guest records in `real_guest_gate_off_is_silence`: 1.5 s.
+const GATE_OFF_PCM_BYTES: usize = 3 * RATE as usize * BYTES_PER_FRAME / 2;
+/// How long `real_guest_gate` leaves input off after the guest said
+/// `VSND-RECORDING` (arecord runs since ~0.3 s by then).
+const GATE_OFF_FOR: Duration = Duration::from_secs(1);
+/// How often the QEMU wait loop polls (and calls its hook).
+const POLL: Duration = Duration::from_millis(50);
+
+/// How the broker is configured.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum BrokerKind {
+    /// `--initial-streams output,input`: the play and record tests.
+    Open,
+    /// The default `--initial-streams` (output only: input OFF), plus
+    /// `--control-socket DIR/ctl.sock --audit-log DIR/audit.log`.
+    Gate,
+}
 
 /// The broker command line used by every test. Adjust it here.
-fn broker_command(dir: &Path, socket: &Path) -> Command {
-    if let Ok(tmpl) = std::env::var("VSND_REAL_GUEST_BROKER_CMD") {
+fn broker_command(dir: &Path, socket: &Path, kind: BrokerKind) -> Command {
+    let override_cmd = std::env::var("VSND_REAL_GUEST_BROKER_CMD").ok();
+    if let (Some(tmpl), BrokerKind::Open) = (override_cmd, kind) {
         let words: Vec<String> = tmpl
             .split_whitespace()
             .map(|w| {
@@ -85,8 +115,18 @@ fn broker_command(dir: &Path, socket: &Path) -> Command {
         .arg(dir.join("played.raw"))
         .arg("--capture-file")
         .arg(dir.join("capture.raw"))
-        .args(["--initial-streams", "output,input"])
         .env("RUST_LOG", "debug");
+    match kind {
+        BrokerKind::Open => {
+            cmd.args(["--initial-streams", "output,input"]);
+        }
+        BrokerKind::Gate => {
+            cmd.arg("--control-socket")
+                .arg(dir.join("ctl.sock"))
+                .arg("--audit-log")
+                .arg(dir.join("audit.log"));
+        }
+    }
     cmd
 }
 
@@ -159,9 +199,11 @@ fn fixture() -> &'static Fixture {
 // PCM patterns
 // ---------------------------------------------------------------------------
 
-/// Deterministic, non-silent S16_LE stereo: left = a tone, right = a frame
-/// counter mixed with a seed, so that a lost, repeated or misaligned byte
-/// anywhere shows up as a mismatch (and the counter tells where).
+/// Deterministic, loud S16_LE stereo: left = a tone (peak 8000, about
+/// -12 dBFS), right = a frame counter mixed with a seed, so that a lost,
+/// repeated or misaligned byte anywhere shows up as a mismatch (and the
+/// counter tells where). No sample is ever 0, so that silence (exact zeros)
+/// is never mistaken for data, nor data for silence.
 fn pcm_pattern(bytes: usize, freq_hz: f64, seed: u16) -> Vec<u8> {
     assert_eq!(bytes % BYTES_PER_FRAME, 0);
     let frames = bytes / BYTES_PER_FRAME;
@@ -169,7 +211,7 @@ fn pcm_pattern(bytes: usize, freq_hz: f64, seed: u16) -> Vec<u8> {
     for i in 0..frames {
         let t = i as f64 / f64::from(RATE);
         let tone = (8000.0 * (2.0 * std::f64::consts::PI * freq_hz * t).sin()) as i16;
-        // Never zero, so silence is never mistaken for data.
+        let tone = if tone == 0 { 1 } else { tone };
         let counter = ((i as u16) ^ seed) | 1;
         v.extend_from_slice(&tone.to_le_bytes());
         v.extend_from_slice(&counter.to_le_bytes());
@@ -223,6 +265,9 @@ enum Mode {
     Play,
     Record,
     Duplex,
+    /// Record, printing the jacks before and after and `VSND-RECORDING`
+    /// once arecord runs.
+    Gate,
 }
 
 impl Mode {
@@ -231,6 +276,7 @@ impl Mode {
             Mode::Play => "play",
             Mode::Record => "record",
             Mode::Duplex => "duplex",
+            Mode::Gate => "gate",
         }
     }
 }
@@ -379,7 +425,8 @@ struct Outcome {
     guest: String,
     console: String,
     played: Option<Vec<u8>>,
-    /// The first PCM_BYTES of the record disk.
+    /// The first `bytes` (what the guest was asked to record) of the record
+    /// disk.
     recorded: Vec<u8>,
 }
 
@@ -407,7 +454,19 @@ impl Outcome {
             d.join("broker.stderr").display(),
             tail(&broker_log, 150),
             tail(&read_lossy(&d.join(format!("{g}qemu.stderr"))), 30),
-        )
+        ) + &self.gate_diag()
+    }
+
+    /// The gate tests' extra files, when there.
+    fn gate_diag(&self) -> String {
+        let d = &self.dir.0;
+        let mut s = String::new();
+        for f in ["audit.log", "vsnd-ctl.txt"] {
+            if d.join(f).exists() {
+                s += &format!("--- {f} ---\n{}", tail(&read_lossy(&d.join(f)), 20));
+            }
+        }
+        s
     }
 }
 
@@ -424,13 +483,13 @@ struct GuestBroker {
 
 impl GuestBroker {
     /// Start the broker (with `capture.raw` = `capture_data`) and wait for
-    /// its socket.
-    fn start(tag: &str, capture_data: &[u8]) -> GuestBroker {
+    /// its sockets.
+    fn start(tag: &str, capture_data: &[u8], kind: BrokerKind) -> GuestBroker {
         let dir = Arc::new(TempDir::new(tag));
         let d = dir.0.clone();
         let socket = d.join("vsnd.sock");
         fs::write(d.join("capture.raw"), capture_data).expect("write capture.raw");
-        let mut bcmd = broker_command(&d, &socket);
+        let mut bcmd = broker_command(&d, &socket, kind);
         bcmd.stdin(Stdio::null())
             .stdout(File::create(d.join("broker.stdout")).expect("broker.stdout"))
             .stderr(File::create(d.join("broker.stderr")).expect("broker.stderr"));
@@ -440,7 +499,8 @@ impl GuestBroker {
                 .unwrap_or_else(|e| panic!("cannot start broker {bcmd:?}: {e}")),
         ));
         let deadline = Instant::now() + Duration::from_secs(10);
-        while !socket.exists() {
+        let ctl = d.join("ctl.sock");
+        while !socket.exists() || (kind == BrokerKind::Gate && !ctl.exists()) {
             if let Ok(Some(st)) = broker.child().try_wait() {
                 panic!(
                     "broker exited ({st}) before creating {}\n--- broker stderr ---\n{}",
@@ -499,15 +559,29 @@ impl GuestBroker {
     /// `console.log`, `qemu.stderr`, …). Panics (with the diagnostics) if
     /// QEMU fails or times out.
     fn boot_guest(&self, guest: &str, mode: Mode, play_data: &[u8]) -> Outcome {
+        self.boot_guest_with(guest, mode, play_data, PCM_BYTES, &mut || {})
+    }
+
+    /// [`Self::boot_guest`], the guest playing and/or recording `bytes`
+    /// PCM bytes, with `hook` called every [`POLL`] while QEMU runs (to act
+    /// on what the guest prints; it must not block for long).
+    fn boot_guest_with(
+        &self,
+        guest: &str,
+        mode: Mode,
+        play_data: &[u8],
+        bytes: usize,
+        hook: &mut dyn FnMut(),
+    ) -> Outcome {
         let fx = fixture();
         let d = self.dir.0.clone();
         let name = |f: &str| d.join(format!("{guest}{f}"));
         write_disk(&name("play.img"), play_data, play_data.len());
-        write_disk(&name("rec.img"), &[], PCM_BYTES + 4096);
+        write_disk(&name("rec.img"), &[], bytes + 4096);
 
         let append = format!(
             "console=ttyS0 panic=-1 quiet vsnd.mode={} vsnd.fmt={FORMAT} vsnd.rate={RATE} \
-             vsnd.ch={CHANNELS} vsnd.bytes={PCM_BYTES} vsnd.timeout={GUEST_TOOL_TIMEOUT_S}",
+             vsnd.ch={CHANNELS} vsnd.bytes={bytes} vsnd.timeout={GUEST_TOOL_TIMEOUT_S}",
             mode.name()
         );
         let console_path = name("console.log");
@@ -584,7 +658,8 @@ impl GuestBroker {
                 device_killed = true;
                 break None;
             }
-            sleep(Duration::from_millis(50));
+            hook();
+            sleep(POLL);
         };
         let wall = start.elapsed();
         qemu.terminate(Duration::from_secs(2));
@@ -595,7 +670,7 @@ impl GuestBroker {
             guest: guest.to_owned(),
             console: read_lossy(&console_path),
             played: None,
-            recorded: rec_img[..PCM_BYTES.min(rec_img.len())].to_vec(),
+            recorded: rec_img[..bytes.min(rec_img.len())].to_vec(),
         };
         let boot = marker_value(&out.console, "VSND-BOOT uptime=").unwrap_or("?");
         let done = marker_value(&out.console, "VSND-DONE uptime=").unwrap_or("?");
@@ -630,7 +705,7 @@ impl GuestBroker {
 fn run_guest(mode: Mode, play_data: &[u8], capture_data: &[u8]) -> Outcome {
     fixture();
     let _serial = GUEST_LOCK.lock().unwrap_or_else(|e| e.into_inner());
-    let mut gb = GuestBroker::start(mode.name(), capture_data);
+    let mut gb = GuestBroker::start(mode.name(), capture_data, BrokerKind::Open);
     let mut out = gb.boot_guest("", mode, play_data);
     gb.stop();
     out.played = gb.played();
@@ -695,20 +770,31 @@ fn check_play(out: &Outcome, play_data: &[u8]) {
     );
 }
 
-fn check_record(out: &Outcome, capture_data: &[u8]) {
+/// arecord exited 0 and produced `bytes` bytes.
+fn check_arecord(out: &Outcome, bytes: usize) {
     assert_eq!(
         marker_value(&out.console, "VSND-ARECORD-RC="),
         Some("0"),
         "arecord failed in the guest\n{}",
         out.diag()
     );
-    let n = PCM_BYTES.to_string();
+    let n = bytes.to_string();
     assert_eq!(
         marker_value(&out.console, "VSND-ARECORD-BYTES="),
         Some(n.as_str()),
         "arecord produced the wrong number of bytes\n{}",
         out.diag()
     );
+    assert_eq!(
+        out.recorded.len(),
+        bytes,
+        "the record disk is short\n{}",
+        out.diag()
+    );
+}
+
+fn check_record(out: &Outcome, capture_data: &[u8]) {
+    check_arecord(out, PCM_BYTES);
     assert_same_bytes(
         "what the guest recorded vs the start of capture.raw",
         &out.recorded,
@@ -767,7 +853,7 @@ fn real_guest_reconnect() {
     fixture();
     let _serial = GUEST_LOCK.lock().unwrap_or_else(|e| e.into_inner());
     let vsnd = std::env::var_os("VSND_REAL_GUEST_BROKER_CMD").is_none();
-    let mut gb = GuestBroker::start("reconnect", &capture);
+    let mut gb = GuestBroker::start("reconnect", &capture, BrokerKind::Open);
 
     let mut first = gb.boot_guest("g1-", Mode::Play, &play1);
     // The first device exits with its connection; the broker starts a fresh
@@ -826,11 +912,527 @@ fn real_guest_reconnect() {
     }
 }
 
+// ---------------------------------------------------------------------------
+// The gate with a real guest
+// ---------------------------------------------------------------------------
+
+/// Milliseconds since the Unix epoch, now.
+fn wall_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// `2026-11-25T09:47:13.720Z` (the audit log's time) to milliseconds since
+/// the Unix epoch.
+fn parse_utc_ms(s: &str) -> Option<u64> {
+    let s = s.strip_suffix('Z')?;
+    let (date, time) = s.split_once('T')?;
+    let mut d = date.split('-').map(str::parse::<i64>);
+    let (y, m, day) = (d.next()?.ok()?, d.next()?.ok()?, d.next()?.ok()?);
+    let (hms, ms) = time.split_once('.')?;
+    let mut t = hms.split(':').map(str::parse::<i64>);
+    let (hh, mm, ss) = (t.next()?.ok()?, t.next()?.ok()?, t.next()?.ok()?);
+    let ms: i64 = ms.parse().ok()?;
+    // Days from civil (Howard Hinnant's algorithm).
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let doy = (153 * (m + if m > 2 { -3 } else { 9 }) + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    u64::try_from(((days * 24 + hh) * 60 + mm) * 60 * 1000 + ss * 1000 + ms).ok()
+}
+
+/// The timestamp env_logger puts at the start of a broker log line
+/// (`[2026-11-25T09:47:13.720Z INFO …`; milliseconds; compares as text).
+fn log_time(line: &str) -> Option<&str> {
+    line.strip_prefix('[')?.split_whitespace().next()
+}
+
+/// The guest's period size for capture, from the broker's
+/// `input: params PcmParams { …, period_bytes: N }` line.
+fn capture_period_bytes(broker_log: &str) -> Option<usize> {
+    let line = broker_log.lines().find(|l| l.contains("input: params"))?;
+    let rest = &line[line.find("period_bytes: ")? + "period_bytes: ".len()..];
+    let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+    digits.parse().ok()
+}
+
+/// What the guest's /init printed as `VSND-JACKS: <when> …` (the part
+/// after `<when> `).
+fn jacks<'a>(out: &'a Outcome, when: &str) -> Option<&'a str> {
+    marker_values(&out.console, "VSND-JACKS: ")
+        .into_iter()
+        .find_map(|v| v.strip_prefix(when)?.strip_prefix(' '))
+        .map(str::trim)
+}
+
+fn ms_of(bytes: usize) -> f64 {
+    bytes as f64 * 1000.0 / (f64::from(RATE) * BYTES_PER_FRAME as f64)
+}
+
+/// One run of `vsnd-ctl`.
+struct CtlRun {
+    pid: u32,
+    code: Option<i32>,
+    stdout: String,
+    stderr: String,
+    /// Host clock around the run.
+    began: Instant,
+    ended: Instant,
+    wall_began_ms: u64,
+    wall_ended_ms: u64,
+}
+
+fn run_vsnd_ctl(ctl_socket: &Path, args: &[&str]) -> CtlRun {
+    let mut cmd = Command::new(bin_path("vsnd-ctl"));
+    cmd.arg("--socket")
+        .arg(ctl_socket)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let wall_began_ms = wall_ms();
+    let began = Instant::now();
+    let child = cmd
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    let pid = child.id();
+    let out = child
+        .wait_with_output()
+        .unwrap_or_else(|e| panic!("waiting for vsnd-ctl: {e}"));
+    let ended = Instant::now();
+    let run = CtlRun {
+        pid,
+        code: out.status.code(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        began,
+        ended,
+        wall_began_ms,
+        wall_ended_ms: wall_ms(),
+    };
+    // For the diagnostics (Outcome::gate_diag).
+    if let Some(dir) = ctl_socket.parent() {
+        if let Ok(mut f) = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("vsnd-ctl.txt"))
+        {
+            let _ = writeln!(
+                f,
+                "vsnd-ctl {} (pid {pid}): exit {:?} in {} ms; stdout {:?} stderr {:?}",
+                args.join(" "),
+                run.code,
+                (ended - began).as_millis(),
+                run.stdout,
+                run.stderr
+            );
+        }
+    }
+    run
+}
+
+/// The checks both gate tests share: the guest recorded cleanly and
+/// nothing died.
+fn check_gate_common(out: &Outcome, bytes: usize, broker_log: &str) {
+    check_common(out);
+    check_arecord(out, bytes);
+    let bad: Vec<&str> = broker_log
+        .lines()
+        .filter(|l| l.contains("device stopped") || l.contains(SECCOMP_BLOCKED))
+        .collect();
+    assert!(
+        bad.is_empty(),
+        "the broker logged a stopped or killed device:\n{}\n{}",
+        bad.join("\n"),
+        out.diag()
+    );
+}
+
+/// The audit file's lines; the first two are the start-up records.
+fn audit_lines(out: &Outcome) -> Vec<String> {
+    let text = read_lossy(&out.dir.0.join("audit.log"));
+    let lines: Vec<String> = text.lines().map(str::to_owned).collect();
+    let initial = [
+        "output on (initial) source=start-up",
+        "input off (initial) source=start-up",
+    ];
+    for (i, want) in initial.iter().enumerate() {
+        let ok = lines
+            .get(i)
+            .and_then(|l| l.split_once(' '))
+            .is_some_and(|(t, rest)| rest == *want && parse_utc_ms(t).is_some());
+        assert!(
+            ok,
+            "audit.log line {} should be \"<time> {want}\", the file is:\n{text}\n{}",
+            i + 1,
+            out.diag()
+        );
+    }
+    lines
+}
+
+/// What the test's hook saw and did while the gate guest ran.
+#[derive(Default)]
+struct GateWatch {
+    /// The last poll at which the broker had not logged the capture START.
+    before_start: Option<Instant>,
+    /// The first poll at which it had.
+    start_seen: Option<Instant>,
+    /// When the guest's `VSND-RECORDING` was first seen on the console.
+    recording_seen: Option<Instant>,
+    /// `vsnd-ctl set input on`.
+    set: Option<CtlRun>,
+}
+
+/// Input OFF at start; the guest records 3 s; ~1 s into it the host runs
+/// `vsnd-ctl set input on`. Proves, with a real Linux `virtio_snd` driver
+/// and real arecord:
+/// * the guest heard exact zeros while input was off and saw the mic jack
+///   unplugged;
+/// * then exactly `capture.raw` from its first byte (the broker opened the
+///   host source only when input went on), switching at a period boundary,
+///   and at the first period that ended after the SET (timed from the
+///   host: the zeros end between "SET sent − one period" and "SET answered");
+/// * the audit line (naming vsnd-ctl's pid) came before the host source was
+///   opened; a jack event told the guest's ALSA the mic is plugged in;
+/// * arecord ran through the flip without an error.
+#[test]
+fn real_guest_gate() {
+    let capture = capture_data();
+    assert!(capture.len() >= GATE_PCM_BYTES);
+    fixture();
+    let _serial = GUEST_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let t_test = Instant::now();
+    let mut gb = GuestBroker::start("gate", &capture, BrokerKind::Gate);
+    let d = gb.dir.0.clone();
+    let ctl_socket = d.join("ctl.sock");
+    let console_path = d.join("console.log");
+    let broker_log_path = d.join("broker.stderr");
+
+    let mut w = GateWatch::default();
+    let mut hook = || {
+        if w.start_seen.is_none() {
+            let now = Instant::now();
+            if read_lossy(&broker_log_path).contains("input stream: Start") {
+                w.start_seen = Some(now);
+            } else {
+                w.before_start = Some(now);
+            }
+        }
+        if w.recording_seen.is_none() && read_lossy(&console_path).contains("VSND-RECORDING") {
+            w.recording_seen = Some(Instant::now());
+        }
+        if let (Some(seen), None) = (w.recording_seen, &w.set) {
+            if seen.elapsed() >= GATE_OFF_FOR {
+                w.set = Some(run_vsnd_ctl(&ctl_socket, &["set", "input", "on"]));
+            }
+        }
+    };
+    let out = gb.boot_guest_with("", Mode::Gate, &[], GATE_PCM_BYTES, &mut hook);
+    gb.stop();
+    let log = gb.log();
+
+    // 6. The guest recorded without an error; nothing died.
+    check_gate_common(&out, GATE_PCM_BYTES, &log);
+
+    // 1. Before: the mic jack unplugged.
+    assert_eq!(
+        jacks(&out, "before"),
+        Some("output=on input=off"),
+        "before the SET the guest's ALSA should see the line-out jack plugged and the mic jack \
+         unplugged (VSND-CONTROL lines list the card's controls)\n{}",
+        out.diag()
+    );
+
+    // 2. The SET, while the guest recorded.
+    let Some(set) = &w.set else {
+        panic!(
+            "the guest never printed VSND-RECORDING, or finished less than {GATE_OFF_FOR:?} \
+             after it: the SET was never sent\n{}",
+            out.diag()
+        );
+    };
+    assert!(
+        set.code == Some(0) && set.stdout.trim() == "output=on input=on",
+        "`vsnd-ctl set input on` should exit 0 printing \"output=on input=on\"; it exited \
+         {:?}, stdout {:?}, stderr {:?}\n{}",
+        set.code,
+        set.stdout,
+        set.stderr,
+        out.diag()
+    );
+    let (Some(before_start), Some(start_seen)) = (w.before_start, w.start_seen) else {
+        panic!(
+            "the broker never logged \"input stream: Start\" while the guest ran (or did \
+             before the guest booted)\n{}",
+            out.diag()
+        );
+    };
+
+    // 3. Zeros, then capture.raw from its first byte, at a period boundary.
+    let rec = &out.recorded;
+    let period = capture_period_bytes(&log).unwrap_or_else(|| {
+        panic!(
+            "no \"input: params … period_bytes: N\" line in the broker log\n{}",
+            out.diag()
+        )
+    });
+    // No sample of capture.raw is 0: the first non-zero sample is the
+    // file's first.
+    let prefix = rec
+        .chunks(2)
+        .position(|s| s != [0, 0])
+        .map_or(rec.len(), |i| i * 2);
+    assert!(
+        prefix > 0,
+        "the recording starts with host samples: input was off for the first {GATE_OFF_FOR:?} \
+         and the guest should have recorded zeros\n{}",
+        out.diag()
+    );
+    assert!(
+        prefix < rec.len(),
+        "the whole recording ({} bytes) is zeros: `set input on` had no effect\n{}",
+        rec.len(),
+        out.diag()
+    );
+    let matched = rec.len() - prefix;
+    assert_same_bytes(
+        "what the guest recorded after the zeros vs the start of capture.raw",
+        &rec[prefix..],
+        &capture[..matched],
+        &|| out.diag(),
+    );
+    assert_eq!(
+        prefix % period,
+        0,
+        "the switch from zeros to host samples is not at a period boundary: zero prefix {prefix} \
+         bytes, period {period} bytes\n{}",
+        out.diag()
+    );
+    let prefix_ms = ms_of(prefix);
+    let period_ms = ms_of(period);
+    // The capture clock started between `before_start` and `start_seen`;
+    // the SET took effect between `set.began` and `set.ended`. Stream time
+    // never runs ahead of wall time, and every period that ended before the
+    // SET took effect was answered with zeros, so
+    //     SET - START - one period (- broker lateness) <= zeros <= SET - START.
+    let ms = |a: Instant, b: Instant| a.saturating_duration_since(b).as_secs_f64() * 1000.0;
+    let set_lo = ms(set.began, start_seen);
+    let set_hi = ms(set.ended, before_start);
+    const SLACK_MS: f64 = 20.0;
+    assert!(
+        prefix_ms <= set_hi + SLACK_MS,
+        "the guest got {prefix_ms:.0} ms of zeros, but input went on at most {set_hi:.0} ms \
+         after its capture stream started: zeros were sent after the SET\n{}",
+        out.diag()
+    );
+    let underruns = log
+        .lines()
+        .filter(|l| l.contains("underrun: restarting"))
+        .count();
+    // A restarted capture clock (the guest was late re-queueing buffers)
+    // makes stream time lag wall time; the lower bound assumes it did not.
+    const LATENESS_MS: f64 = 50.0;
+    if underruns == 0 {
+        assert!(
+            prefix_ms + period_ms + LATENESS_MS >= set_lo,
+            "input went on at least {set_lo:.0} ms after the capture stream started, but the \
+             guest got only {prefix_ms:.0} ms of zeros (period {period_ms:.0} ms): host samples \
+             reached the guest more than one period before the SET\n{}",
+            out.diag()
+        );
+    }
+    assert!(
+        prefix_ms >= 500.0,
+        "only {prefix_ms:.0} ms of zeros: the SET was meant to come ~1.3 s into the \
+         recording\n{}",
+        out.diag()
+    );
+
+    // 3b. The broker's own order: audit line, then the host source opened.
+    let lines: Vec<&str> = log.lines().collect();
+    let audit_at = lines
+        .iter()
+        .position(|l| l.contains("audit:") && l.contains("input off -> on"));
+    let open_at = lines
+        .iter()
+        .position(|l| l.contains("host capture source opened"));
+    let (Some(audit_at), Some(open_at)) = (audit_at, open_at) else {
+        panic!(
+            "the broker log should have an \"input off -> on\" audit line and a \"host capture \
+             source opened\" line\n{}",
+            out.diag()
+        );
+    };
+    assert!(
+        audit_at < open_at && log_time(lines[audit_at]) <= log_time(lines[open_at]),
+        "the host capture source was opened before the input flag went on:\n  {}\n  {}\n{}",
+        lines[open_at],
+        lines[audit_at],
+        out.diag()
+    );
+    let opens = lines
+        .iter()
+        .filter(|l| l.contains("host capture source opened"))
+        .count();
+    assert_eq!(
+        opens,
+        1,
+        "the host capture source should be opened once\n{}",
+        out.diag()
+    );
+
+    // 4. After: a jack event reached the guest's ALSA.
+    assert_eq!(
+        jacks(&out, "after"),
+        Some("output=on input=on"),
+        "after the SET the guest's ALSA should see the mic jack plugged in\n{}",
+        out.diag()
+    );
+
+    // 5. The audit trail: two start-up lines and exactly one change, by
+    // vsnd-ctl, stamped while vsnd-ctl ran.
+    let audit = audit_lines(&out);
+    let want = format!(
+        "input off -> on uid={} pid={} comm=\"vsnd-ctl\" source=control-socket",
+        nix::unistd::getuid(),
+        set.pid
+    );
+    assert!(
+        audit.len() == 3 && audit[2].split_once(' ').is_some_and(|(_, r)| r == want),
+        "audit.log should hold the two start-up lines and then \"<time> {want}\"\n{}",
+        out.diag()
+    );
+    let stamp = audit[2].split_once(' ').and_then(|(t, _)| parse_utc_ms(t));
+    assert!(
+        stamp.is_some_and(|t| (set.wall_began_ms..=set.wall_ended_ms).contains(&t)),
+        "the audit line's time {:?} is not within vsnd-ctl's run [{}, {}] (ms since the epoch)\n{}",
+        stamp,
+        set.wall_began_ms,
+        set.wall_ended_ms,
+        out.diag()
+    );
+
+    let after_recording = set
+        .began
+        .saturating_duration_since(w.recording_seen.unwrap_or(set.began));
+    println!(
+        "real_guest_gate: recorded {} bytes ({:.0} ms); zero prefix {prefix} bytes = \
+         {prefix_ms:.0} ms = {} periods of {period} bytes ({period_ms:.0} ms); then {matched} \
+         bytes = capture.raw[0..{matched}] byte-exact; SET input on came {set_lo:.0}..{set_hi:.0} \
+         ms after the capture START (sent {} ms after VSND-RECORDING was seen, vsnd-ctl took {} \
+         ms); capture underrun restarts: {underruns}; test {:.1} s",
+        rec.len(),
+        ms_of(rec.len()),
+        prefix / period,
+        after_recording.as_millis(),
+        (set.ended - set.began).as_millis(),
+        t_test.elapsed().as_secs_f64()
+    );
+}
+
+/// Input OFF for the whole recording: every recorded byte is 0, the host
+/// capture file is never opened, the guest sees the mic jack unplugged
+/// throughout, and the audit trail has only the start-up lines.
+#[test]
+fn real_guest_gate_off_is_silence() {
+    let capture = capture_data();
+    fixture();
+    let _serial = GUEST_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let t_test = Instant::now();
+    let mut gb = GuestBroker::start("gate-off", &capture, BrokerKind::Gate);
+    let out = gb.boot_guest_with("", Mode::Gate, &[], GATE_OFF_PCM_BYTES, &mut || {});
+    let query = run_vsnd_ctl(&gb.dir.0.join("ctl.sock"), &["query"]);
+    gb.stop();
+    let log = gb.log();
+
+    check_gate_common(&out, GATE_OFF_PCM_BYTES, &log);
+    let nonzero = out.recorded.iter().filter(|&&b| b != 0).count();
+    assert_eq!(
+        nonzero,
+        0,
+        "input was off, yet {nonzero} of the {} recorded bytes are not 0 (the first at byte \
+         {:?})\n{}",
+        out.recorded.len(),
+        out.recorded.iter().position(|&b| b != 0),
+        out.diag()
+    );
+    for when in ["before", "after"] {
+        assert_eq!(
+            jacks(&out, when),
+            Some("output=on input=off"),
+            "with input off the guest's ALSA should see the mic jack unplugged ({when})\n{}",
+            out.diag()
+        );
+    }
+    let opened: Vec<&str> = log
+        .lines()
+        .filter(|l| {
+            l.contains("host capture source opened")
+                || (l.contains("capture file") && l.contains(" opened"))
+        })
+        .collect();
+    assert!(
+        opened.is_empty(),
+        "input was off, yet the broker opened the host capture source:\n{}\n{}",
+        opened.join("\n"),
+        out.diag()
+    );
+    assert_eq!(
+        audit_lines(&out).len(),
+        2,
+        "no change was made: audit.log should hold only the start-up lines\n{}",
+        out.diag()
+    );
+    assert!(
+        query.code == Some(0) && query.stdout.trim() == "output=on input=off",
+        "`vsnd-ctl query` after the guest: exit {:?}, stdout {:?}, stderr {:?}\n{}",
+        query.code,
+        query.stdout,
+        query.stderr,
+        out.diag()
+    );
+    println!(
+        "real_guest_gate_off_is_silence: recorded {} bytes ({:.0} ms), all 0; host capture \
+         source never opened; jacks input=off before and after; test {:.1} s",
+        out.recorded.len(),
+        ms_of(out.recorded.len()),
+        t_test.elapsed().as_secs_f64()
+    );
+}
+
 #[test]
 fn pcm_pattern_is_deterministic_and_never_silent() {
     let a = pcm_pattern(PCM_BYTES, 440.0, 0);
     assert_eq!(a, pcm_pattern(PCM_BYTES, 440.0, 0));
     assert_eq!(a.len(), PCM_BYTES);
     assert!(a.chunks(BYTES_PER_FRAME).all(|f| f[2] & 1 == 1));
+    let c = capture_data();
+    assert!(
+        a.chunks(2).chain(c.chunks(2)).all(|s| s != [0, 0]),
+        "no 16-bit sample may be 0"
+    );
     assert_ne!(a[..4096], pcm_pattern(PCM_BYTES, 1000.0, 0x5a5a)[..4096]);
+}
+
+#[test]
+fn gate_log_helpers_parse_what_the_broker_writes() {
+    assert_eq!(parse_utc_ms("1970-01-01T00:00:01.005Z"), Some(1005));
+    assert_eq!(
+        parse_utc_ms("2000-02-29T00:00:00.005Z"),
+        Some(951_782_400_005)
+    );
+    assert_eq!(
+        parse_utc_ms("2026-11-25T09:30:45.123Z"),
+        Some(1_795_599_045_123)
+    );
+    assert_eq!(parse_utc_ms("2026-11-25 09:30:45"), None);
+    let log = "[2026-11-25T09:47:12Z DEBUG vsnd_broker::session] input: params PcmParams { \
+               format: S16, rate: 48000, channels: 2, buffer_bytes: 96000, period_bytes: 24000 }";
+    assert_eq!(capture_period_bytes(log), Some(24_000));
+    assert_eq!(log_time(log), Some("2026-11-25T09:47:12Z"));
 }

@@ -143,7 +143,15 @@ fn no_message_of_the_protocol_unmutes_the_microphone() {
     );
     let explore = fake.reported("explore ");
     assert!(!explore.is_empty(), "expected an `explore` report line");
-    for kind in ["set_params", "prepare", "start", "stop", "release", "capture", "playback"] {
+    for kind in [
+        "set_params",
+        "prepare",
+        "start",
+        "stop",
+        "release",
+        "capture",
+        "playback",
+    ] {
         assert!(
             num(&explore[0], kind).unwrap_or(0) > 0,
             "expected the random walk to send {kind} messages, got {}",
@@ -157,10 +165,14 @@ fn no_message_of_the_protocol_unmutes_the_microphone() {
         ("a second hello", "a second hello"),
         ("the forged Gate message", "undecodable frame"),
         ("START before SET_PARAMS", "input: Start in state Initial"),
-        ("a capture request before PREPARE", "capture request in state ParamsSet"),
+        (
+            "a capture request before PREPARE",
+            "capture request in state ParamsSet",
+        ),
     ] {
         assert!(
-            log.lines().any(|l| l.contains(VIOLATION) && l.contains(needle)),
+            log.lines()
+                .any(|l| l.contains(VIOLATION) && l.contains(needle)),
             "expected `{VIOLATION}: …{needle}…` for {what}; log:\n{}",
             b.log_tail()
         );
@@ -196,12 +208,16 @@ fn capture_requests_past_the_limits_get_the_device_killed() {
     );
     let log = b.broker.log();
     for needle in [
-        format!("capture request of {} bytes", u64::from(MAX_BUFFER_BYTES) + 1),
+        format!(
+            "capture request of {} bytes",
+            u64::from(MAX_BUFFER_BYTES) + 1
+        ),
         format!("capture request of {} bytes", u32::MAX),
         "too many capture requests".to_string(),
     ] {
         assert!(
-            log.lines().any(|l| l.contains(VIOLATION) && l.contains(&needle)),
+            log.lines()
+                .any(|l| l.contains(VIOLATION) && l.contains(&needle)),
             "expected `{VIOLATION}: {needle}`; log:\n{}",
             b.log_tail()
         );
@@ -286,7 +302,13 @@ fn flood(b: &GatedBroker, fake: &FakeDevice) -> (u64, u64, Duration) {
     (baseline, peak, slowest)
 }
 
-fn assert_flood_bounded(mode: &str, b: &mut GatedBroker, baseline: u64, peak: u64, slowest: Duration) {
+fn assert_flood_bounded(
+    mode: &str,
+    b: &mut GatedBroker,
+    baseline: u64,
+    peak: u64,
+    slowest: Duration,
+) {
     eprintln!(
         "{mode}: broker VmRSS baseline {baseline} KiB, peak {peak} KiB (+{} KiB); slowest QUERY {slowest:?}",
         peak - baseline
@@ -316,7 +338,11 @@ fn flood_outcome(mode: &str, b: &GatedBroker, fake: &FakeDevice) -> Vec<String> 
     let mut reasons: Vec<String> = violations(&log)
         .iter()
         .filter_map(|l| l.split(VIOLATION).nth(1))
-        .map(|r| r.trim_start_matches(": ").trim_end_matches(KILLED).to_string())
+        .map(|r| {
+            r.trim_start_matches(": ")
+                .trim_end_matches(KILLED)
+                .to_string()
+        })
         .collect();
     eprintln!(
         "{mode}: {} devices killed as violators ({reasons:?}); flood reports: {:?}",
@@ -404,7 +430,10 @@ fn the_broker_not_the_device_decides_what_the_device_hears() {
 
     // Input off: silence, at the real-time pace, and no capture file open.
     let first = wait_bufs(&b, &fake, 40);
-    let silent: Vec<&Buf> = first.iter().filter(|x| x.nonzero > 0 || x.len != PERIOD_BYTES as u64).collect();
+    let silent: Vec<&Buf> = first
+        .iter()
+        .filter(|x| x.nonzero > 0 || x.len != PERIOD_BYTES as u64)
+        .collect();
     assert!(
         silent.is_empty(),
         "expected {} silent buffers of {PERIOD_BYTES} bytes while input is off, got {silent:?}",
@@ -485,7 +514,9 @@ fn the_broker_not_the_device_decides_what_the_device_hears() {
         "expected silence from the 4th buffer after `SET input off` on, got {loud_after:?}"
     );
     assert!(
-        wait_for(Duration::from_secs(1), || (!has_open(pid, &capture_path)).then_some(())).is_some(),
+        wait_for(Duration::from_secs(1), || (!has_open(pid, &capture_path))
+            .then_some(()))
+        .is_some(),
         "expected the broker to close {} once input is off",
         capture_path.display()
     );

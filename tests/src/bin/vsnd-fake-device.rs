@@ -336,7 +336,10 @@ impl Notes {
             .open(self.path("report"))
             .and_then(|mut f| writeln!(f, "{line}"));
         if let Err(e) = res {
-            eprintln!("vsnd-fake-device[{}]: cannot write the report: {e}", self.mode);
+            eprintln!(
+                "vsnd-fake-device[{}]: cannot write the report: {e}",
+                self.mode
+            );
         }
     }
 
@@ -490,7 +493,12 @@ mod rogue {
                 })
                 .map_err(|e| e.to_string())?;
                 let cut = frame.get(..frame.len() - 10).unwrap_or(&[]);
-                raw(&ch, cut, notes, "a playback frame without its last 10 bytes")?;
+                raw(
+                    &ch,
+                    cut,
+                    notes,
+                    "a playback frame without its last 10 bytes",
+                )?;
                 idle(&mut ch, notes)
             }
             Mode::UnknownVariant => {
@@ -887,10 +895,7 @@ mod rogue {
                         Err(e) => return Err(format!("waiting for the largest capture: {e}")),
                     }
                 }
-                notes.say(&tally.line(&format!(
-                    "largest-capture ms={}",
-                    t0.elapsed().as_millis()
-                )));
+                notes.say(&tally.line(&format!("largest-capture ms={}", t0.elapsed().as_millis())));
                 notes.say("step=len-max-plus-one");
                 send(
                     ch,
@@ -929,9 +934,7 @@ mod rogue {
                 for buffer in 0..MAX_PENDING_CAPTURE as u64 {
                     send(ch, &DeviceMsg::Capture { buffer, len: 64 })?;
                 }
-                notes.say(&format!(
-                    "step=one-more-than-{MAX_PENDING_CAPTURE}-pending"
-                ));
+                notes.say(&format!("step=one-more-than-{MAX_PENDING_CAPTURE}-pending"));
                 send(
                     ch,
                     &DeviceMsg::Capture {
@@ -964,11 +967,7 @@ mod rogue {
             return idle(ch, notes);
         }
         if playback {
-            start_stream(
-                ch,
-                Direction::Output,
-                loudest(caps, MAX_PCM_CHUNK as u32),
-            )?;
+            start_stream(ch, Direction::Output, loudest(caps, MAX_PCM_CHUNK as u32))?;
         }
         start_stream(ch, Direction::Input, loudest(caps, MAX_BUFFER_BYTES))?;
         ch.set_nonblocking(true).map_err(|e| e.to_string())?;
@@ -978,7 +977,7 @@ mod rogue {
         let mut n = 0u64;
         let end = loop {
             n += 1;
-            if n % 256 == 0 && (notes.exists("stop") || t0.elapsed() > FLOOD_LIMIT) {
+            if n.is_multiple_of(256) && (notes.exists("stop") || t0.elapsed() > FLOOD_LIMIT) {
                 break "stopped";
             }
             let msg = if captures < FLOOD_CAPTURES {
@@ -1006,7 +1005,13 @@ mod rogue {
                     std::thread::sleep(Duration::from_micros(200));
                 }
                 Err(ChannelError::Closed) => break "closed",
-                Err(e) => break if e.to_string().contains("Broken pipe") { "closed" } else { "error" },
+                Err(e) => {
+                    break if e.to_string().contains("Broken pipe") {
+                        "closed"
+                    } else {
+                        "error"
+                    }
+                }
             }
         };
         notes.say(&format!(
@@ -1062,14 +1067,20 @@ mod rogue {
                         data.len(),
                         fnv1a64(&data)
                     ));
-                    if buffer % 100 == 0 {
+                    if buffer.is_multiple_of(100) {
                         eprintln!(
                             "vsnd-fake-device[listen]: {} buffers, {nonzero_buffers} of them not silent",
                             buffer + 1
                         );
                     }
                     data.clear();
-                    send(ch, &DeviceMsg::Capture { buffer: next, len: LEN })?;
+                    send(
+                        ch,
+                        &DeviceMsg::Capture {
+                            buffer: next,
+                            len: LEN,
+                        },
+                    )?;
                     next += 1;
                 }
                 Ok(BrokerMsg::Gate(g)) => {
