@@ -215,6 +215,53 @@ pub struct BrokerOptions {
     pub control_socket: bool,
     /// More arguments, appended verbatim.
     pub extra_args: Vec<String>,
+    /// Another host backend instead of `--backend file` (see [`Backend`]).
+    pub backend: Option<Backend>,
+}
+
+/// A host backend for [`BrokerOptions::backend`] (e.g. ALSA through file
+/// PCMs, see [`crate::alsa`]), replacing the fixture's `--backend file
+/// --playback-file <dir>/played.raw --capture-file <dir>/capture.raw`.
+/// `{dir}` in any argument, file contents or environment value stands for
+/// the broker's private directory, so a backend that writes `played.raw`
+/// and reads `capture.raw` there works with [`Broker::played`] and
+/// [`Broker::capture_bytes`] unchanged.
+#[derive(Debug, Clone, Default)]
+pub struct Backend {
+    /// The backend's arguments (`--backend …` and its options).
+    pub args: Vec<String>,
+    /// Files written into the directory before the broker starts: (file
+    /// name, contents).
+    pub files: Vec<(String, String)>,
+    /// When set, the broker runs in exactly this environment (plus
+    /// `RUST_LOG`), not the test's: the host's configuration in the test's
+    /// environment cannot leak in.
+    pub env: Option<Vec<(String, String)>>,
+}
+
+impl Backend {
+    /// Write the files into `dir` and give `cmd` the arguments and the
+    /// environment. Call it before setting `RUST_LOG` (it may clear the
+    /// environment).
+    ///
+    /// # Panics
+    /// When a file cannot be written.
+    pub fn apply(&self, dir: &Path, cmd: &mut Command) {
+        let d = dir.to_string_lossy();
+        let sub = |s: &str| s.replace("{dir}", &d);
+        for (name, contents) in &self.files {
+            let path = dir.join(name);
+            fs::write(&path, sub(contents))
+                .unwrap_or_else(|e| panic!("cannot write {}: {e}", path.display()));
+        }
+        if let Some(env) = &self.env {
+            cmd.env_clear();
+            for (k, v) in env {
+                cmd.env(k, sub(v));
+            }
+        }
+        cmd.args(self.args.iter().map(|a| sub(a)));
+    }
 }
 
 impl Default for BrokerOptions {
@@ -226,11 +273,13 @@ impl Default for BrokerOptions {
             rust_log: "debug".into(),
             control_socket: false,
             extra_args: Vec::new(),
+            backend: None,
         }
     }
 }
 
-/// A running `vsnd-broker --backend file` in its own temporary directory.
+/// A running `vsnd-broker --backend file` (or [`BrokerOptions::backend`]) in
+/// its own temporary directory.
 /// Dropping it sends SIGTERM (SIGKILL after [`STOP_GRACE`]), reaps it, and —
 /// when the test is panicking — prints the tail of its log.
 pub struct Broker {
@@ -268,14 +317,19 @@ impl Broker {
             .unwrap_or_else(|e| panic!("cannot write {}: {e}", capture_path.display()));
         let log_file =
             File::create(&log).unwrap_or_else(|e| panic!("cannot create {}: {e}", log.display()));
-        let child = Command::new(bin_path("vsnd-broker"))
-            .arg("--socket")
-            .arg(&socket)
-            .args(["--backend", "file"])
-            .arg("--playback-file")
-            .arg(&playback)
-            .arg("--capture-file")
-            .arg(&capture_path)
+        let mut cmd = Command::new(bin_path("vsnd-broker"));
+        cmd.arg("--socket").arg(&socket);
+        match &opts.backend {
+            Some(b) => b.apply(dir.path(), &mut cmd),
+            None => {
+                cmd.args(["--backend", "file"])
+                    .arg("--playback-file")
+                    .arg(&playback)
+                    .arg("--capture-file")
+                    .arg(&capture_path);
+            }
+        }
+        let child = cmd
             .arg("--initial-streams")
             .arg(&opts.initial_streams)
             .args(if opts.control_socket {

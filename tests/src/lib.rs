@@ -12,11 +12,15 @@
 //! * [`fixture`] — a running broker in a private directory, PCM data, and
 //!   helpers that drive streams and transfers (shared by the integration
 //!   tests).
+//! * [`alsa`] — ALSA without a sound card: a private configuration with
+//!   `type file` PCMs over `null` for the broker's ALSA backend.
 //! * [`bin_path`] — where the workspace binaries the tests run are.
 
+pub mod alsa;
 pub mod ctl;
 pub mod fixture;
 pub mod frontend;
+pub mod pipewire;
 pub mod snd;
 
 use std::path::PathBuf;

@@ -81,7 +81,8 @@ impl Stream {
                 .map_err(|e| e.to_string())?;
             pcm.sw_params(&sw).map_err(|e| format!("sw params: {e}"))?;
         }
-        let (period_got, buffer_got) = pcm.get_params().map_err(|e| e.to_string())?;
+        // snd_pcm_get_params: (buffer size, period size).
+        let (buffer_got, period_got) = pcm.get_params().map_err(|e| e.to_string())?;
         info!(
             "ALSA {} {device:?}: {:?} {} Hz {} ch, period {period_got} frames, buffer {buffer_got} frames",
             if dir == AlsaDir::Playback { "playback" } else { "capture" },
