@@ -11,7 +11,7 @@
 use std::collections::VecDeque;
 use std::io::{self, Read, Write};
 use std::os::fd::{AsFd, BorrowedFd};
-use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -159,22 +159,7 @@ impl ControlServer {
     /// Create the socket at `path` with mode 0600. A stale socket is
     /// replaced; anything else at `path` is refused.
     pub fn bind(path: &Path, allowed: Vec<u32>) -> Result<Self, String> {
-        if let Ok(meta) = std::fs::symlink_metadata(path) {
-            if !meta.file_type().is_socket() {
-                return Err(format!(
-                    "--control-socket {} exists and is not a socket",
-                    path.display()
-                ));
-            }
-            if UnixStream::connect(path).is_ok() {
-                return Err(format!(
-                    "--control-socket {} is in use by another process",
-                    path.display()
-                ));
-            }
-            std::fs::remove_file(path)
-                .map_err(|e| format!("cannot remove stale {}: {e}", path.display()))?;
-        }
+        crate::socket_path::clear_stale_socket(path, "--control-socket")?;
         // Created 0600 from the start: no window in which others could
         // connect.
         let old = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o177));

@@ -9,11 +9,11 @@ mod control_socket;
 mod device_log;
 mod gate;
 mod session;
+mod socket_path;
 mod supervisor;
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::os::unix::fs::FileTypeExt;
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -26,6 +26,7 @@ use audit::AuditLog;
 use cli::{BackendKind, Cli};
 use control_socket::ControlServer;
 use gate::Gate;
+use socket_path::clear_stale_socket;
 use supervisor::{handled_signals, DeviceSpec, RunEnd, Supervisor};
 
 /// Exit status for bad arguments or an environment that cannot work
@@ -258,23 +259,7 @@ fn check_executable(p: &Path) -> Result<(), String> {
 }
 
 fn bind_socket(path: &Path) -> Result<OwnedFd, String> {
-    if let Ok(meta) = std::fs::symlink_metadata(path) {
-        if !meta.file_type().is_socket() {
-            return Err(format!(
-                "{} exists and is not a socket; refusing to replace it",
-                path.display()
-            ));
-        }
-        if UnixStream::connect(path).is_ok() {
-            return Err(format!(
-                "{} is in use: another process is listening on it",
-                path.display()
-            ));
-        }
-        warn!("removing stale socket {}", path.display());
-        std::fs::remove_file(path)
-            .map_err(|e| format!("cannot remove stale socket {}: {e}", path.display()))?;
-    }
+    clear_stale_socket(path, "--socket")?;
     let l = UnixListener::bind(path)
         .map_err(|e| format!("cannot listen on {}: {e}", path.display()))?;
     Ok(OwnedFd::from(l))
