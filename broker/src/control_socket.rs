@@ -248,13 +248,27 @@ impl ControlServer {
                 c.queue(&line);
             }
         }
-        if !changes.is_empty() {
-            for c in self.clients.iter_mut().filter(|c| c.subscribed && !c.dead) {
-                c.flush();
-            }
-        }
         self.sweep(now);
+        if changes.is_empty() {
+            self.flush_all();
+        }
+        // Otherwise the answers wait until the caller has applied the new
+        // flags (closed the host capture source): a client that reads
+        // "OK … input=off" can rely on the microphone being closed.
         !changes.is_empty()
+    }
+
+    /// Send what is queued for every client (after a gate change has been
+    /// applied).
+    pub fn flush_all(&mut self) {
+        for c in self
+            .clients
+            .iter_mut()
+            .filter(|c| !c.dead && !c.output.is_empty())
+        {
+            c.flush();
+        }
+        self.clients.retain(|c| !c.dead);
     }
 
     fn accept_all(&mut self, now: Instant) {
@@ -362,7 +376,6 @@ impl ControlServer {
                 c.input.push(b);
             }
         }
-        c.flush();
     }
 
     fn answer(c: &mut Client, line: &[u8], gate: &mut Gate) -> bool {
@@ -517,7 +530,9 @@ mod tests {
     fn pump(s: &mut ControlServer, gate: &mut Gate) -> bool {
         let n = s.poll_set().len();
         let ev = vec![PollFlags::POLLIN | PollFlags::POLLOUT; n];
-        s.on_events(&ev, gate, Instant::now())
+        let changed = s.on_events(&ev, gate, Instant::now());
+        s.flush_all();
+        changed
     }
 
     fn read_line(c: &mut UnixStream) -> String {

@@ -388,7 +388,15 @@ impl Session {
             (Direction::Input, PcmCommand::Start) => {
                 self.capture.clock = Some(Clock::new(now));
             }
-            (Direction::Input, PcmCommand::Stop) => self.capture.clock = None,
+            (Direction::Input, PcmCommand::Stop) => {
+                // A paused recording does not keep the host microphone open.
+                self.capture.clock = None;
+                if self.capture.source_open {
+                    audio.close_capture();
+                    self.capture.source_open = false;
+                    info!("input stopped: host capture source closed");
+                }
+            }
             (Direction::Input, PcmCommand::Release) => {
                 self.capture.clock = None;
                 self.capture.queue.clear();
@@ -927,6 +935,57 @@ mod tests {
         r.tick(r.at(40));
         let got = capture_data(&r.replies());
         assert_eq!(got, vec![(3, vec![0; PERIOD as usize])]);
+    }
+
+    #[test]
+    fn stopping_capture_closes_the_host_source() {
+        let mut r = Rig::new(GateState {
+            output: true,
+            input: true,
+        });
+        r.stream(Direction::Input);
+        r.send(DeviceMsg::Capture {
+            buffer: 0,
+            len: PERIOD,
+        })
+        .unwrap();
+        r.send(DeviceMsg::Start {
+            direction: Direction::Input,
+        })
+        .unwrap();
+        r.tick(r.at(10));
+        assert_eq!(r.audio.capture_calls, 1);
+        r.send_at(
+            DeviceMsg::Stop {
+                direction: Direction::Input,
+            },
+            r.at(11),
+        )
+        .unwrap();
+        assert_eq!(
+            r.audio.closes, 1,
+            "a paused recording must not keep the microphone open"
+        );
+        r.send_at(
+            DeviceMsg::Capture {
+                buffer: 1,
+                len: PERIOD,
+            },
+            r.at(12),
+        )
+        .unwrap();
+        r.send_at(
+            DeviceMsg::Start {
+                direction: Direction::Input,
+            },
+            r.at(20),
+        )
+        .unwrap();
+        r.tick(r.at(30));
+        assert_eq!(
+            r.audio.capture_calls, 2,
+            "reopened on the next period after START"
+        );
     }
 
     #[test]

@@ -233,6 +233,8 @@ impl Supervisor {
             }
             if let Some(ctl) = self.control.as_mut() {
                 ctl.on_events(&ctl_events, &mut self.gate, Instant::now());
+                // No device, no stream: nothing to apply first.
+                ctl.flush_all();
             }
             if sig_ready && self.read_signals().0 {
                 return true;
@@ -319,7 +321,10 @@ impl Supervisor {
             }
             if let Some(ctl) = self.control.as_mut() {
                 if ctl.on_events(&ctl_events, &mut self.gate, Instant::now()) {
-                    if let Err(e) = session.set_gate(self.gate.state(), self.audio.as_mut()) {
+                    let applied = session.set_gate(self.gate.state(), self.audio.as_mut());
+                    // Answers go out only now, after the flags took effect.
+                    ctl.flush_all();
+                    if let Err(e) = applied {
                         return self.session_failed(&mut child, e);
                     }
                 }

@@ -26,9 +26,12 @@
 //! self-contained: the slaves are written out (`slave.pcm { type null }`)
 //! rather than named (`"null"` is defined by alsa.conf). `HOME` is the
 //! directory too, so no one's `~/.asoundrc` could be read even if a tool
-//! loaded alsa.conf. Both PCMs set `truncate false`, so that a PCM reopened
-//! (a stream released and prepared again) appends to `played.raw` instead
-//! of starting it over.
+//! loaded alsa.conf. Both PCMs set `truncate true` (alsa.conf's default,
+//! which this file does not inherit): each opening of the playback PCM (a
+//! stream prepared after a release) starts `played.raw` over, so a test
+//! that plays several streams reads the file after each. (`truncate false`
+//! would not append: alsa-lib then opens with `O_EXCL` and, the file
+//! existing, writes `played.raw.0001` instead.)
 //!
 //! [`hw_params`] asks `aplay --dump-hw-params` (alsa-utils, installed by
 //! `scripts/setup`) what a PCM of such a configuration accepts: an opinion
@@ -46,12 +49,13 @@ pub const CAPTURE_PCM: &str = "vsnd_in";
 /// The configuration file in the broker's directory.
 pub const CONFIG_FILE: &str = "asound.conf";
 
-/// `type file` playback PCM `name` over a `null` slave, appending to `file`
-/// (`{dir}` is the broker's directory).
+/// `type file` playback PCM `name` over a `null` slave, writing `file`
+/// (`{dir}` is the broker's directory), which each opening of the PCM
+/// (hw params) starts over.
 pub fn playback_pcm(name: &str, file: &str) -> String {
     format!(
         "pcm.{name} {{\n    type file\n    slave.pcm {{ type null }}\n    file \"{file}\"\n    \
-         format \"raw\"\n}}\n"
+         format \"raw\"\n    truncate true\n}}\n"
     )
 }
 
@@ -60,7 +64,7 @@ pub fn playback_pcm(name: &str, file: &str) -> String {
 pub fn capture_pcm(name: &str, infile: &str) -> String {
     format!(
         "pcm.{name} {{\n    type file\n    slave.pcm {{ type null }}\n    file \"/dev/null\"\n    \
-         infile \"{infile}\"\n    format \"raw\"\n}}\n"
+         infile \"{infile}\"\n    format \"raw\"\n    truncate true\n}}\n"
     )
 }
 
@@ -244,8 +248,8 @@ pub fn hw_params(pcms: &AlsaPcms, device: &str) -> HwParams {
     let out = aplay.output().unwrap_or_else(|e| {
         panic!("cannot run aplay ({e}); run `scripts/setup` (as root) to install alsa-utils")
     });
-    let text = String::from_utf8_lossy(&out.stderr).into_owned()
-        + &String::from_utf8_lossy(&out.stdout);
+    let text =
+        String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout);
     HwParams::parse(&text).unwrap_or_else(|e| {
         panic!(
             "aplay -D {device} --dump-hw-params ({}) in {}: {e}",

@@ -1,8 +1,8 @@
 //! Shared fixtures for the tests that run the real binaries: a private
-//! temporary directory, a running `vsnd-broker` (with its `file` backend) that
-//! is stopped on drop, a deterministic PCM generator, and helpers that drive a
-//! stream through SET_PARAMS / PREPARE / START / STOP / RELEASE and submit
-//! transfers.
+//! temporary directory, a running `vsnd-broker` (with its `file` backend, or
+//! another: [`Backend`]) that is stopped on drop, a deterministic PCM
+//! generator, and helpers that drive a stream through SET_PARAMS / PREPARE /
+//! START / STOP / RELEASE and submit transfers.
 //!
 //! Every helper that can fail panics with a message that says what was
 //! expected and what came instead; the [`Broker`] guard prints the broker's

@@ -21,7 +21,10 @@
 //!   SET; the guest's ALSA must show the mic jack unplugged before and
 //!   plugged after; the audit log must name `vsnd-ctl`;
 //! * `gate_off_is_silence`: the same broker, no SET: every recorded byte is
-//!   0, the host capture file is never opened, the jack stays unplugged.
+//!   0, the host capture file is never opened, the jack stays unplugged;
+//! * `alsa_duplex`: `duplex` with the broker's ALSA backend, through
+//!   `type file` PCMs over `null` on the same two files
+//!   (`vsnd_tests::alsa`).
 //!
 //! Every test also checks that the broker's device was never killed by
 //! seccomp; when it was, the failure message starts with the reporter's line,
@@ -35,7 +38,7 @@
 //!   split on whitespace, `{socket}` and `{dir}` are substituted. E.g.
 //!   `/path/vhost-device-sound --socket {socket} --backend null` to run the
 //!   fixture against upstream. The gate tests ignore it (they need
-//!   vsnd-broker's control socket and audit log).
+//!   vsnd-broker's control socket and audit log), and so does `alsa_duplex`.
 //! * `VSND_REAL_GUEST_KEEP=1`: keep the temporary directory even on success.
 
 use std::fs::{self, File};
@@ -48,6 +51,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
+use vsnd_tests::alsa::AlsaPcms;
 use vsnd_tests::bin_path;
 
 // ---------------------------------------------------------------------------
@@ -89,6 +93,10 @@ enum BrokerKind {
     /// The default `--initial-streams` (output only: input OFF), plus
     /// `--control-socket DIR/ctl.sock --audit-log DIR/audit.log`.
     Gate,
+    /// `--backend alsa` through file PCMs on `DIR/played.raw` and
+    /// `DIR/capture.raw` (`vsnd_tests::alsa`, in a clean environment),
+    /// `--initial-streams output,input`.
+    Alsa,
 }
 
 /// The broker command line used by every test. Adjust it here.
@@ -108,16 +116,20 @@ fn broker_command(dir: &Path, socket: &Path, kind: BrokerKind) -> Command {
         return cmd;
     }
     let mut cmd = Command::new(bin_path("vsnd-broker"));
-    cmd.arg("--socket")
-        .arg(socket)
-        .args(["--backend", "file"])
-        .arg("--playback-file")
-        .arg(dir.join("played.raw"))
-        .arg("--capture-file")
-        .arg(dir.join("capture.raw"))
-        .env("RUST_LOG", "debug");
+    cmd.arg("--socket").arg(socket);
+    if kind == BrokerKind::Alsa {
+        // Writes DIR/asound.conf; clears the environment.
+        AlsaPcms::default().backend().apply(dir, &mut cmd);
+    } else {
+        cmd.args(["--backend", "file"])
+            .arg("--playback-file")
+            .arg(dir.join("played.raw"))
+            .arg("--capture-file")
+            .arg(dir.join("capture.raw"));
+    }
+    cmd.env("RUST_LOG", "debug");
     match kind {
-        BrokerKind::Open => {
+        BrokerKind::Open | BrokerKind::Alsa => {
             cmd.args(["--initial-streams", "output,input"]);
         }
         BrokerKind::Gate => {
@@ -839,6 +851,75 @@ fn real_guest_duplex() {
     check_common(&out);
     check_play(&out, &play);
     check_record(&out, &capture);
+}
+
+/// The duplex guest with the broker's ALSA backend (`--backend alsa`)
+/// through `type file` PCMs over `null` (`vsnd_tests::alsa`: a private
+/// ALSA configuration, nothing of the host's): what the guest played is
+/// `played.raw` (plus drain silence) and what it recorded is the start of
+/// `capture.raw`, byte for byte, as with the file backend. Prints the bytes
+/// matched each way and the broker's xrun lines.
+#[test]
+fn real_guest_alsa_duplex() {
+    let play = play_data();
+    let capture = capture_data();
+    fixture();
+    let _serial = GUEST_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let t_test = Instant::now();
+    let mut gb = GuestBroker::start("alsa-duplex", &capture, BrokerKind::Alsa);
+    let mut out = gb.boot_guest("", Mode::Duplex, &play);
+    gb.stop();
+    out.played = gb.played();
+    let log = gb.log();
+    check_common(&out);
+    check_play(&out, &play);
+    check_record(&out, &capture);
+    // The ALSA PCMs served it (not some fallback), each opened once.
+    for (needle, what) in [
+        ("ALSA playback \"vsnd_out\"", "the playback PCM opened"),
+        ("ALSA capture \"vsnd_in\"", "the capture PCM opened"),
+        (
+            "ALSA capture device \"vsnd_in\" closed",
+            "the capture PCM closed",
+        ),
+    ] {
+        let n = log.lines().filter(|l| l.contains(needle)).count();
+        assert_eq!(
+            n,
+            1,
+            "expected {what} once (log lines with {needle:?}), got {n}\n{}",
+            out.diag()
+        );
+    }
+    // Xruns are recovered and logged (a warning at most every 5 s per
+    // direction), and each stream's total is logged when it closes.
+    let warned: Vec<&str> = log.lines().filter(|l| l.contains("xruns so far")).collect();
+    let totals: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("ALSA stream closed:"))
+        .collect();
+    let xruns: u64 = totals
+        .iter()
+        .filter_map(|l| {
+            let rest = l.split("ALSA stream closed: ").nth(1)?;
+            rest.split(" xruns").next()?.trim().parse::<u64>().ok()
+        })
+        .sum();
+    let played = out.played.as_deref().unwrap_or_default();
+    println!(
+        "real_guest_alsa_duplex: played {} bytes: played.raw[0..{}] byte-exact + {} bytes of \
+         drain silence; recorded {PCM_BYTES} bytes = capture.raw[0..{PCM_BYTES}] byte-exact; \
+         xruns: {xruns} (xrun warning lines: {}, stream totals: {}); test {:.1} s",
+        play.len(),
+        play.len(),
+        played.len().saturating_sub(play.len()),
+        warned.len(),
+        totals.len(),
+        t_test.elapsed().as_secs_f64()
+    );
+    for l in warned.iter().chain(&totals) {
+        println!("  {l}");
+    }
 }
 
 /// One broker (sandbox on, seccomp kill: the defaults), two guests one

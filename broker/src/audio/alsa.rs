@@ -106,22 +106,28 @@ impl Stream {
 
     fn xrun(&mut self, what: &str, err: alsa::Error) {
         self.xruns += 1;
+        let recovered = self.pcm.try_recover(err, true);
+        if what == "capture" {
+            let _ = self.pcm.start();
+        }
+        // Rate-limited: a device that stays broken (unplugged) must not
+        // flood the log once per period.
         let now = Instant::now();
         if self
             .last_warning
             .is_none_or(|t| now.duration_since(t) >= XRUN_LOG_INTERVAL)
         {
-            warn!(
-                "ALSA {what}: {err}; recovered ({} xruns so far)",
-                self.xruns
-            );
             self.last_warning = Some(now);
-        }
-        if let Err(e) = self.pcm.try_recover(err, true) {
-            warn!("ALSA {what}: cannot recover: {e}");
-        }
-        if what == "capture" {
-            let _ = self.pcm.start();
+            match recovered {
+                Ok(()) => warn!(
+                    "ALSA {what}: {err}; recovered ({} xruns so far)",
+                    self.xruns
+                ),
+                Err(e) => warn!(
+                    "ALSA {what}: {err}; cannot recover: {e} ({} errors so far)",
+                    self.xruns
+                ),
+            }
         }
     }
 
