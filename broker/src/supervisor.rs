@@ -126,8 +126,10 @@ impl Supervisor {
                     let end = self.serve(child, ch, &mut log);
                     log.drain();
                     // The session is over, however it ended: the host capture
-                    // source closes with it (the next VM starts afresh).
+                    // source and playback stream close with it (the next VM
+                    // starts afresh; a device that died released nothing).
                     self.audio.close_capture();
+                    self.audio.close_output();
                     end
                 }
                 Err(e) => DeviceEnd::Exited {

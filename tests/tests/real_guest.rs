@@ -53,6 +53,7 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use vsnd_tests::alsa::AlsaPcms;
 use vsnd_tests::bin_path;
+use vsnd_tests::pipewire::{self, PcmFormat, PipeWire};
 
 // ---------------------------------------------------------------------------
 // Parameters
@@ -97,7 +98,15 @@ enum BrokerKind {
     /// `DIR/capture.raw` (`vsnd_tests::alsa`, in a clean environment),
     /// `--initial-streams output,input`.
     Alsa,
+    /// `--backend pipewire --name guest1` against the private daemon whose
+    /// environment is in [`PIPEWIRE_ENV`] (and nothing else of the test's
+    /// but PATH), `--initial-streams output,input`.
+    PipeWire,
 }
+
+/// The client environment of the PipeWire daemon a [`BrokerKind::PipeWire`]
+/// broker connects to; set by the test that starts it, under `GUEST_LOCK`.
+static PIPEWIRE_ENV: Mutex<Vec<(String, String)>> = Mutex::new(Vec::new());
 
 /// The broker command line used by every test. Adjust it here.
 fn broker_command(dir: &Path, socket: &Path, kind: BrokerKind) -> Command {
@@ -120,6 +129,16 @@ fn broker_command(dir: &Path, socket: &Path, kind: BrokerKind) -> Command {
     if kind == BrokerKind::Alsa {
         // Writes DIR/asound.conf; clears the environment.
         AlsaPcms::default().backend().apply(dir, &mut cmd);
+    } else if kind == BrokerKind::PipeWire {
+        cmd.env_clear()
+            .envs(
+                PIPEWIRE_ENV
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .clone(),
+            )
+            .envs(std::env::var_os("PATH").map(|p| ("PATH", p)))
+            .args(["--backend", "pipewire", "--name", "guest1"]);
     } else {
         cmd.args(["--backend", "file"])
             .arg("--playback-file")
@@ -129,7 +148,7 @@ fn broker_command(dir: &Path, socket: &Path, kind: BrokerKind) -> Command {
     }
     cmd.env("RUST_LOG", "debug");
     match kind {
-        BrokerKind::Open | BrokerKind::Alsa => {
+        BrokerKind::Open | BrokerKind::Alsa | BrokerKind::PipeWire => {
             cmd.args(["--initial-streams", "output,input"]);
         }
         BrokerKind::Gate => {
@@ -920,6 +939,159 @@ fn real_guest_alsa_duplex() {
     for l in warned.iter().chain(&totals) {
         println!("  {l}");
     }
+}
+
+/// The duplex guest with the broker's PipeWire backend (`--backend
+/// pipewire`) against a private PipeWire daemon (`vsnd_tests::pipewire`):
+/// the host records the null sink's monitor from before the guest boots,
+/// and feeds the source a long signal from the moment the guest's /init
+/// starts its tools. What the guest played must be in the monitor recording
+/// bit-exact and contiguous (silence around it); what the guest recorded
+/// must be silence (while its capture stream is created and primed) and
+/// then a contiguous, bit-exact piece of the source's signal up to its end.
+/// Prints the bytes matched each way, where, and the broker's underrun,
+/// drop and drain lines.
+#[test]
+fn real_guest_pipewire_duplex() {
+    let play = play_data();
+    // 20 s: from the guest's VSND-START to the end of its 2 s recording,
+    // with TCG's pace to spare. Its own pattern: no sample is 0.
+    let signal = pcm_pattern(20 * RATE as usize * BYTES_PER_FRAME, 1000.0, 0x3c3c);
+    fixture();
+    let _serial = GUEST_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let t_test = Instant::now();
+    let pw = PipeWire::start();
+    *PIPEWIRE_ENV.lock().unwrap_or_else(|e| e.into_inner()) = pw.env();
+    let mut gb = GuestBroker::start("pipewire-duplex", &capture_data(), BrokerKind::PipeWire);
+    let monitor = pw.start_recording(pipewire::SINK, true, PcmFormat::S16_48K_STEREO);
+    let console = gb.dir.0.join("console.log");
+    let mut feeder = None;
+    let mut fed_at = None;
+    let mut out = gb.boot_guest_with("", Mode::Duplex, &play, PCM_BYTES, &mut || {
+        if feeder.is_none() && read_lossy(&console).contains("VSND-START") {
+            feeder = Some(pw.start_feeding_source(&signal));
+            fed_at = Some(t_test.elapsed());
+        }
+    });
+    gb.stop();
+    let recorded_monitor = monitor.stop();
+    if let Some(f) = feeder {
+        f.stop();
+    }
+    let log = gb.log();
+    // The broker's own files stay empty: this is the PipeWire backend.
+    out.played = None;
+    check_common(&out);
+    assert_eq!(
+        marker_value(&out.console, "VSND-APLAY-RC="),
+        Some("0"),
+        "aplay failed in the guest\n{}",
+        out.diag()
+    );
+    check_arecord(&out, PCM_BYTES);
+    for (needle, what) in [
+        (
+            "PipeWire: stream vsnd.guest1.output",
+            "the output stream created",
+        ),
+        (
+            "PipeWire: stream vsnd.guest1.input",
+            "the input stream created",
+        ),
+        (
+            "PipeWire: capture stream destroyed",
+            "the input stream destroyed",
+        ),
+    ] {
+        let n = log.lines().filter(|l| l.contains(needle)).count();
+        assert_eq!(
+            n,
+            1,
+            "expected {what} once (log lines with {needle:?}), got {n}\n{}",
+            out.diag()
+        );
+    }
+    // Underruns, overflows and unplayed bytes (one line per stream, only if
+    // any), and what the output stream played out after its release.
+    let troubles: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("PipeWire stream closed:"))
+        .collect();
+    let drained: Vec<&str> = log.lines().filter(|l| l.contains("draining")).collect();
+
+    // Playback: bit-exact and contiguous in the monitor, silence around it.
+    let Some((at, quiet)) = pipewire::find_pcm(&recorded_monitor, &play, 0) else {
+        let probe = &play[..64];
+        let first = pipewire::find_bytes(&recorded_monitor, probe);
+        let run = first.map(|a| {
+            recorded_monitor[a..]
+                .iter()
+                .zip(&play)
+                .take_while(|(x, y)| x == y)
+                .count()
+        });
+        panic!(
+            "what the guest played ({} bytes) is not in the sink's monitor recording ({} \
+             bytes, {} non-zero) bit-exact and contiguous: its first 64 bytes are at {first:?}, \
+             {run:?} bytes match from there; broker lines: {troubles:#?}\n{}",
+            play.len(),
+            recorded_monitor.len(),
+            recorded_monitor.iter().filter(|&&b| b != 0).count(),
+            out.diag()
+        );
+    };
+    assert!(
+        quiet,
+        "the sink's monitor has something besides the guest's data and silence\n{}",
+        out.diag()
+    );
+
+    // Capture: leading silence, then the signal, contiguous, to the end.
+    let rec = &out.recorded;
+    let lead = rec.iter().take_while(|&&b| b == 0).count() / BYTES_PER_FRAME * BYTES_PER_FRAME;
+    let tail = &rec[lead..];
+    assert!(
+        tail.len() >= PCM_BYTES / 2,
+        "the guest recorded {lead} bytes of silence of {PCM_BYTES}: expected the source's \
+         signal for at least half of it\n{}",
+        out.diag()
+    );
+    let Some(from) = pipewire::find_bytes(&signal, tail) else {
+        let first = pipewire::find_bytes(&signal, &tail[..64]);
+        let run = first.map(|a| {
+            signal[a..]
+                .iter()
+                .zip(tail)
+                .take_while(|(x, y)| x == y)
+                .count()
+        });
+        panic!(
+            "what the guest recorded after {lead} bytes of silence ({} bytes) is not a \
+             contiguous piece of the source's signal: its first 64 bytes are at {first:?} of \
+             the signal, {run:?} bytes match from there; broker lines: {troubles:#?}\n{}",
+            tail.len(),
+            out.diag()
+        );
+    };
+    println!(
+        "real_guest_pipewire_duplex: played {} bytes: found bit-exact and contiguous in the \
+         sink's monitor at byte {at} of {} recorded, silence only around it; recorded \
+         {PCM_BYTES} bytes: {lead} bytes ({:.1} ms) of leading silence, then {} bytes \
+         bit-exact = the source's signal from byte {from}; source fed from {:?} into the \
+         test; test {:.1} s; underruns/drops: {}; drain: {}",
+        play.len(),
+        recorded_monitor.len(),
+        ms_of(lead),
+        tail.len(),
+        fed_at,
+        t_test.elapsed().as_secs_f64(),
+        if troubles.is_empty() {
+            "none (no underrun, drop or drain)".to_owned()
+        } else {
+            troubles.join(" | ")
+        },
+        drained.join(" | ")
+    );
 }
 
 /// One broker (sandbox on, seccomp kill: the defaults), two guests one

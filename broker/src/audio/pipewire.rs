@@ -1,7 +1,13 @@
-//! The PipeWire backend: one stream per running direction, driven from the
-//! broker's own poll loop (the PipeWire loop's descriptor is polled there),
-//! so the process callbacks run in the broker's thread and share plain,
-//! lock-free rings with the session.
+//! The PipeWire backend: one stream per running direction. The PipeWire
+//! main loop is driven from the broker's own poll loop (its descriptor is
+//! polled there), so connecting, creating and destroying streams and every
+//! event but one happen in the broker's thread. The exception is the
+//! process callback: it runs in PipeWire's data thread (`RT_PROCESS`),
+//! which meets the graph's deadline of one quantum (5.3 ms at a 10 ms guest
+//! period: the quantum is rounded down to 256 frames) even when the
+//! broker's thread is late; from the main loop a late broker made the graph
+//! play a quantum of silence. Each ring is shared with the session under a
+//! mutex held only to copy bytes, never across anything that blocks.
 //!
 //! The session's clock still paces the guest. Playback the clock consumed
 //! goes into a ring the output stream's process callback drains; the input
@@ -9,7 +15,7 @@
 //! at a time. Each ring is primed with two guest periods before it is used,
 //! so the two clocks' jitter never splits the audio with silence; a ring
 //! that runs dry is primed again (counted as an underrun), one that
-//! overflows drops its oldest bytes (counted too).
+//! overflows drops its oldest bytes down to the priming (counted too).
 //!
 //! The input stream exists only while input is on and the guest records:
 //! no capture node while input is off. If the daemon goes away the guest
@@ -19,6 +25,7 @@ use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::os::fd::{AsFd, BorrowedFd};
 use std::rc::Rc;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use log::{debug, info, warn};
@@ -35,6 +42,15 @@ const MAX_RETRY: Duration = Duration::from_secs(5);
 const PRIME_PERIODS: usize = 2;
 /// Guest periods a ring holds at most.
 const RING_PERIODS: usize = 8;
+/// How long a released output stream may take to play what its ring still
+/// holds, beyond the ring's own duration, before it is destroyed anyway.
+const DRAIN_GRACE: Duration = Duration::from_millis(500);
+/// Process cycles that find a draining ring empty before its stream is
+/// destroyed: by then the graph has taken the last data buffer.
+const DRAIN_EMPTY_PULLS: u32 = 2;
+/// How often a draining stream is checked once its data should have been
+/// played (its process callbacks run in the data thread and wake nothing).
+const DRAIN_POLL: Duration = Duration::from_millis(20);
 
 fn spa_format(f: SampleFormat) -> spa::param::audio::AudioFormat {
     use spa::param::audio::AudioFormat as A;
@@ -94,6 +110,12 @@ fn positions(channels: u8) -> [u32; spa::sys::SPA_AUDIO_MAX_CHANNELS as usize] {
     p
 }
 
+/// The ring, whatever a panicking holder left (nothing panics while
+/// holding it; a process callback must not panic at all).
+fn lock(ring: &Mutex<Ring>) -> MutexGuard<'_, Ring> {
+    ring.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
 /// A byte ring between the session and a process callback.
 struct Ring {
     bytes: VecDeque<u8>,
@@ -103,6 +125,10 @@ struct Ring {
     silence: SampleFormat,
     underruns: u64,
     dropped: u64,
+    /// The guest released the stream: play out what is left, unprimed or
+    /// not, and count the cycles that find the ring empty.
+    draining: bool,
+    empty_pulls: u32,
 }
 
 impl Ring {
@@ -116,13 +142,25 @@ impl Ring {
             silence: p.format,
             underruns: 0,
             dropped: 0,
+            draining: false,
+            empty_pulls: 0,
         }
     }
 
+    /// Empty and unprimed (the counters stay).
+    fn reset(&mut self) {
+        self.bytes.clear();
+        self.primed = false;
+    }
+
+    /// Append `data`. A ring that overflows has fallen a whole ring
+    /// behind (a guest that was late, a stalled graph): its oldest bytes go
+    /// down to the priming level, so that one glitch is the price, not a
+    /// lasting latency of a full ring with a drop at every jitter after it.
     fn push(&mut self, data: &[u8]) {
         self.bytes.extend(data);
-        let excess = self.bytes.len().saturating_sub(self.cap);
-        if excess > 0 {
+        if self.bytes.len() > self.cap {
+            let excess = self.bytes.len() - self.prime.min(self.cap);
             self.bytes.drain(..excess);
             self.dropped += excess as u64;
         }
@@ -130,7 +168,9 @@ impl Ring {
 
     /// Fill `out` from the ring once it is primed; silence otherwise.
     fn pull(&mut self, out: &mut [u8]) {
-        if !self.primed && self.bytes.len() >= self.prime {
+        if !self.primed
+            && (self.bytes.len() >= self.prime || (self.draining && !self.bytes.is_empty()))
+        {
             self.primed = true;
         }
         let mut n = 0;
@@ -139,10 +179,13 @@ impl Ring {
             for (dst, src) in out.iter_mut().zip(self.bytes.drain(..n)) {
                 *dst = src;
             }
-            if n < out.len() {
+            if n < out.len() && !self.draining {
                 self.underruns += 1;
                 self.primed = false;
             }
+        }
+        if self.draining && n == 0 {
+            self.empty_pulls = self.empty_pulls.saturating_add(1);
         }
         if let Some(rest) = out.get_mut(n..) {
             self.silence.fill_silence(rest);
@@ -150,15 +193,33 @@ impl Ring {
     }
 }
 
+/// A stream and its listener. Dropped: disconnected first (no process
+/// callback runs in the data thread any more), then the listener goes,
+/// then the stream (fields drop in this order).
 struct Live {
-    stream: pw::stream::StreamRc,
     _listener: pw::stream::StreamListener<()>,
+    stream: pw::stream::StreamRc,
+}
+
+impl Drop for Live {
+    fn drop(&mut self) {
+        let _ = self.stream.disconnect();
+    }
 }
 
 struct DirState {
     params: PcmParams,
-    ring: Rc<RefCell<Ring>>,
+    ring: Arc<Mutex<Ring>>,
     live: Option<Live>,
+}
+
+/// A released output stream still playing out its ring.
+struct Drain {
+    state: DirState,
+    /// Destroyed then at the latest.
+    deadline: Instant,
+    /// When to look whether it has played out.
+    check_at: Instant,
 }
 
 struct Connection {
@@ -178,17 +239,41 @@ pub struct PipeWireAudio {
     retry_delay: Duration,
     output: Option<DirState>,
     input: Option<DirState>,
+    draining: Option<Drain>,
 }
 
 impl PipeWireAudio {
     /// Set up the PipeWire loop and connect. A daemon that is not there yet
     /// is not an error: the broker keeps retrying.
     pub fn new(name: &str, remote: Option<&str>) -> Result<Self, String> {
+        if let Some(r) = remote {
+            // libpipewire (0.3.65 included) takes $PIPEWIRE_REMOTE over the
+            // remote.name property: --pipewire-remote must win. Set before
+            // PipeWire starts its threads (the broker has none of its own).
+            std::env::set_var("PIPEWIRE_REMOTE", r);
+        }
         pw::init();
         let mainloop =
             pw::main_loop::MainLoopRc::new(None).map_err(|e| format!("PipeWire main loop: {e}"))?;
-        let context = pw::context::ContextRc::new(&mainloop, None)
-            .map_err(|e| format!("PipeWire context: {e}"))?;
+        // Enter the loop for good, in this thread. PipeWire hands work from
+        // its data thread to this loop with an invoke, and an invoke on a
+        // loop that no thread has entered runs right away in the calling
+        // thread: with the loop entered only during `iterate` (as
+        // `Loop::iterate` does), stream events would run in the data
+        // thread, racing the broker's thread. Entered, they are queued and
+        // run from `dispatch`. Left in `Drop`.
+        // SAFETY: paired with the `leave` in `Drop`, in this same thread
+        // (the broker is single-threaded and this value never moves
+        // between threads: it is not `Send`).
+        unsafe { mainloop.loop_().enter() };
+        let context = match pw::context::ContextRc::new(&mainloop, None) {
+            Ok(c) => c,
+            Err(e) => {
+                // SAFETY: paired with the `enter` above, in this thread.
+                unsafe { mainloop.loop_().leave() };
+                return Err(format!("PipeWire context: {e}"));
+            }
+        };
         let mut me = PipeWireAudio {
             name: name.to_string(),
             remote: remote.map(str::to_string),
@@ -200,6 +285,7 @@ impl PipeWireAudio {
             retry_delay: MIN_RETRY,
             output: None,
             input: None,
+            draining: None,
         };
         if let Err(e) = me.connect() {
             warn!("PipeWire: {e}; retrying in the background (the guest hears silence meanwhile)");
@@ -261,6 +347,7 @@ impl PipeWireAudio {
         {
             d.live = None;
         }
+        self.draining = None;
         self.conn = None;
         self.schedule_retry(now);
     }
@@ -287,6 +374,9 @@ impl PipeWireAudio {
             return Ok(());
         }
         let p = state.params;
+        // A new stream starts from an empty ring, primed afresh: what
+        // accumulated while there was none (the daemon was away) is stale.
+        lock(&state.ring).reset();
         let frames = p.period_bytes / p.frame_bytes().max(1);
         let (node, description, category, role) = if output {
             (
@@ -318,21 +408,36 @@ impl PipeWireAudio {
         let ring = state.ring.clone();
         let listener = stream
             .add_local_listener_with_user_data(())
+            // Runs in PipeWire's data thread (RT_PROCESS): touches nothing
+            // but the buffer and `ring` (locked only to copy), never blocks
+            // otherwise, never panics.
             .process(move |stream, _| {
                 let Some(mut buffer) = stream.dequeue_buffer() else {
                     return;
                 };
+                // Frames the graph wants this cycle (0: unknown). Writing the
+                // whole buffer instead would hand PipeWire up to its quantum
+                // limit at once: the ring would be emptied into one buffer
+                // padded with silence, and then overflow while the graph
+                // works through it.
+                let requested = usize::try_from(buffer.requested()).unwrap_or(usize::MAX);
                 let datas = buffer.datas_mut();
                 let Some(data) = datas.first_mut() else {
                     return;
                 };
                 let frame = p.frame_bytes() as usize;
                 if output {
+                    let want = if requested > 0 {
+                        requested.saturating_mul(frame)
+                    } else {
+                        p.period_bytes as usize
+                    };
                     let n = match data.data() {
                         Some(slice) => {
-                            let n = slice.len() - slice.len() % frame.max(1);
+                            let n = slice.len().min(want);
+                            let n = n - n % frame.max(1);
                             if let Some(out) = slice.get_mut(..n) {
-                                ring.borrow_mut().pull(out);
+                                lock(&ring).pull(out);
                             }
                             n
                         }
@@ -347,7 +452,7 @@ impl PipeWireAudio {
                         (data.chunk().offset() as usize, data.chunk().size() as usize);
                     if let Some(slice) = data.data() {
                         if let Some(bytes) = slice.get(offset..offset.saturating_add(size)) {
-                            ring.borrow_mut().push(bytes);
+                            lock(&ring).push(bytes);
                         }
                     }
                 }
@@ -382,7 +487,9 @@ impl PipeWireAudio {
             .connect(
                 dir,
                 None,
-                pw::stream::StreamFlags::AUTOCONNECT | pw::stream::StreamFlags::MAP_BUFFERS,
+                pw::stream::StreamFlags::AUTOCONNECT
+                    | pw::stream::StreamFlags::MAP_BUFFERS
+                    | pw::stream::StreamFlags::RT_PROCESS,
                 &mut params,
             )
             .map_err(|e| format!("cannot connect {node}: {e}"))?;
@@ -391,8 +498,8 @@ impl PipeWireAudio {
             p.format, p.rate, p.channels, p.rate
         );
         state.live = Some(Live {
-            stream,
             _listener: listener,
+            stream,
         });
         Ok(())
     }
@@ -404,27 +511,76 @@ impl PipeWireAudio {
             }
         }
         self.close_dir(output);
+        if output {
+            match self.draining.take() {
+                // Released and prepared again with the same parameters (a
+                // player going on with its next file): the stream goes on.
+                Some(d) if d.state.params == *params && d.state.live.is_some() => {
+                    let mut r = lock(&d.state.ring);
+                    r.draining = false;
+                    r.empty_pulls = 0;
+                    if r.bytes.is_empty() {
+                        r.primed = false;
+                    }
+                    drop(r);
+                    self.output = Some(d.state);
+                    return Ok(());
+                }
+                Some(d) => Self::destroy(d.state),
+                None => {}
+            }
+        }
         *self.dir_mut(output) = Some(DirState {
             params: *params,
-            ring: Rc::new(RefCell::new(Ring::new(params))),
+            ring: Arc::new(Mutex::new(Ring::new(params))),
             live: None,
         });
         self.make_stream(output)
     }
 
+    /// Close a direction. A playback stream first plays out what its ring
+    /// still holds (the guest was told it was played): it is destroyed
+    /// from [`super::Audio::dispatch`] once drained.
     fn close_dir(&mut self, output: bool) {
-        if let Some(state) = self.dir_mut(output).take() {
-            let r = state.ring.borrow();
-            if r.underruns > 0 || r.dropped > 0 {
-                info!(
-                    "PipeWire stream closed: {} underruns, {} bytes dropped",
-                    r.underruns, r.dropped
-                );
+        let Some(state) = self.dir_mut(output).take() else {
+            return;
+        };
+        let left = lock(&state.ring).bytes.len();
+        if output && state.live.is_some() && left > 0 {
+            lock(&state.ring).draining = true;
+            let p = state.params;
+            let bytes_per_sec = u64::from(p.frame_bytes().max(1)) * u64::from(p.rate.max(1));
+            let playout = Duration::from_millis(left as u64 * 1000 / bytes_per_sec);
+            debug!("PipeWire: draining {left} bytes of playback ({playout:?})");
+            if let Some(old) = self.draining.take() {
+                Self::destroy(old.state);
             }
-            if let Some(live) = &state.live {
-                let _ = live.stream.disconnect();
-            }
+            let now = Instant::now();
+            self.draining = Some(Drain {
+                state,
+                deadline: now + playout + DRAIN_GRACE,
+                check_at: now + playout,
+            });
+            return;
         }
+        Self::destroy(state);
+    }
+
+    fn destroy(state: DirState) {
+        let (underruns, dropped, left) = {
+            let r = lock(&state.ring);
+            (r.underruns, r.dropped, r.bytes.len())
+        };
+        if underruns > 0 || dropped > 0 || left > 0 {
+            info!(
+                "PipeWire stream closed: {underruns} underruns, {dropped} bytes dropped, \
+                 {left} bytes left over"
+            );
+        }
+        // Dropped (disconnected) only now, with the ring unlocked: the
+        // disconnect waits for the data thread, whose process callback may
+        // be waiting for the lock.
+        drop(state);
     }
 }
 
@@ -439,8 +595,9 @@ impl super::Audio for PipeWireAudio {
     }
 
     fn play(&mut self, _params: &PcmParams, data: &[u8]) {
-        if let Some(s) = self.output.as_ref() {
-            s.ring.borrow_mut().push(data);
+        // Without a stream (no daemon) the guest's output is discarded.
+        if let Some(s) = self.output.as_ref().filter(|s| s.live.is_some()) {
+            lock(&s.ring).push(data);
         }
     }
 
@@ -453,8 +610,8 @@ impl super::Audio for PipeWireAudio {
     }
 
     fn capture(&mut self, params: &PcmParams, buf: &mut [u8]) {
-        match self.input.as_ref() {
-            Some(s) => s.ring.borrow_mut().pull(buf),
+        match self.input.as_ref().filter(|s| s.live.is_some()) {
+            Some(s) => lock(&s.ring).pull(buf),
             None => params.format.fill_silence(buf),
         }
     }
@@ -471,11 +628,29 @@ impl super::Audio for PipeWireAudio {
     }
 
     fn next_deadline(&self) -> Option<Instant> {
-        self.retry_at
+        let drain = self.draining.as_ref().map(|d| d.deadline.min(d.check_at));
+        match (self.retry_at, drain) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 
     fn dispatch(&mut self, now: Instant) {
-        self.mainloop.loop_().iterate(pw::loop_::Timeout::None);
+        // SAFETY: the loop was entered in `new` and is left in `Drop`.
+        unsafe {
+            self.mainloop
+                .loop_()
+                .iterate_unguarded(pw::loop_::Timeout::None)
+        };
+        if let Some(d) = self.draining.as_mut() {
+            if now >= d.deadline || lock(&d.state.ring).empty_pulls >= DRAIN_EMPTY_PULLS {
+                if let Some(d) = self.draining.take() {
+                    Self::destroy(d.state);
+                }
+            } else if now >= d.check_at {
+                d.check_at = now + DRAIN_POLL;
+            }
+        }
         let failure = self.failed.borrow_mut().take();
         if let Some(why) = failure {
             if self.conn.is_some() {
@@ -489,6 +664,22 @@ impl super::Audio for PipeWireAudio {
                 self.schedule_retry(now);
             }
         }
+    }
+}
+
+impl Drop for PipeWireAudio {
+    fn drop(&mut self) {
+        // Streams and the connection go while the loop is still entered.
+        let draining = self.draining.take().map(|d| d.state);
+        for state in [self.output.take(), self.input.take(), draining]
+            .into_iter()
+            .flatten()
+        {
+            Self::destroy(state);
+        }
+        self.conn = None;
+        // SAFETY: paired with the `enter` in `new`, in the same thread.
+        unsafe { self.mainloop.loop_().leave() };
     }
 }
 
@@ -527,8 +718,23 @@ mod tests {
         assert_eq!(big, [5, 6, 7, 8, 0, 0, 0, 0], "short: padded and counted");
         assert_eq!(r.underruns, 1);
         r.push(&[1; 40]);
-        assert_eq!(r.bytes.len(), 32, "bounded at 8 periods");
-        assert_eq!(r.dropped, 8);
+        assert_eq!(r.bytes.len(), 8, "over 8 periods: back to the priming");
+        assert_eq!(r.dropped, 32);
+    }
+
+    #[test]
+    fn a_draining_ring_plays_out_even_unprimed_and_counts_empty_cycles() {
+        let mut r = Ring::new(&params());
+        let mut out = [9u8; 4];
+        r.push(&[1, 2]);
+        r.draining = true;
+        r.pull(&mut out);
+        assert_eq!(out, [1, 2, 0, 0], "less than the priming, played anyway");
+        assert_eq!((r.underruns, r.empty_pulls), (0, 0));
+        r.pull(&mut out);
+        r.pull(&mut out);
+        assert_eq!(out, [0; 4]);
+        assert_eq!((r.underruns, r.empty_pulls), (0, 2));
     }
 
     #[test]
