@@ -88,6 +88,7 @@ fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
         .format_target(false)
         .write_style(env_logger::WriteStyle::Never)
+        .format_timestamp_millis()
         .init();
     let args = match parse_args() {
         Ok(a) => a,
