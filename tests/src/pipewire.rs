@@ -69,6 +69,22 @@ pub const SCRIPTS_ENV: &str = "VSND_PIPEWIRE_SCRIPTS";
 /// same one the other fixtures honour).
 pub const KEEP_ENV: &str = "VSND_TEST_KEEP";
 
+/// Variables that select another PipeWire build without installing it
+/// (`tests/pipewire/with-backports.sh` sets them): passed through from the
+/// test's environment by [`PipeWire::env`] when set, like `start.sh` passes
+/// them to the daemons and writes them into `DIR/env`. Keep the two lists
+/// the same.
+pub const PASS_THROUGH: &[&str] = &[
+    "LD_LIBRARY_PATH",
+    "PIPEWIRE_MODULE_DIR",
+    "SPA_PLUGIN_DIR",
+    "SPA_DATA_DIR",
+    "WIREPLUMBER_MODULE_DIR",
+    "WIREPLUMBER_DATA_DIR",
+    "PIPEWIRE_DEBUG",
+    "WIREPLUMBER_DEBUG",
+];
+
 /// How long `start.sh` may take to get the daemon ready (it measured
 /// 50–250 ms on a 2-core CI machine; this is for a loaded one).
 pub const START_TIMEOUT: Duration = Duration::from_secs(30);
@@ -411,9 +427,16 @@ impl PipeWire {
     /// override), and `PIPEWIRE_CONFIG_DIR` (copies of the packaged
     /// client.conf plus tests/pipewire/client.conf.d, so nothing in /etc or
     /// ~ changes how clients convert). The same as `. DIR/env`.
+    ///
+    /// Plus, when set in the test's own environment, the variables that
+    /// select another PipeWire build ([`PASS_THROUGH`], the same list
+    /// `start.sh` passes to the daemons and writes into `DIR/env`), so a
+    /// broker started with exactly this environment loads the same
+    /// libpipewire and SPA plugins as the daemon (see
+    /// `tests/pipewire/with-backports.sh`). Unset, nothing is added.
     pub fn env(&self) -> Vec<(String, String)> {
         let run = self.runtime_dir().to_string_lossy().into_owned();
-        vec![
+        let mut env = vec![
             ("XDG_RUNTIME_DIR".into(), run.clone()),
             ("PIPEWIRE_RUNTIME_DIR".into(), run),
             ("PIPEWIRE_REMOTE".into(), REMOTE.into()),
@@ -424,7 +447,13 @@ impl PipeWire {
                     .to_string_lossy()
                     .into_owned(),
             ),
-        ]
+        ];
+        for var in PASS_THROUGH {
+            if let Some(v) = std::env::var_os(var).filter(|v| !v.is_empty()) {
+                env.push((var.to_string(), v.to_string_lossy().into_owned()));
+            }
+        }
+        env
     }
 
     /// A command for `program` with [`env`](Self::env) applied.
