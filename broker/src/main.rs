@@ -2,16 +2,6 @@
 //! the enable flags, and supervises the unprivileged vsnd-device that talks
 //! to the VM.
 
-mod audio;
-mod audit;
-mod cli;
-mod control_socket;
-mod device_log;
-mod gate;
-mod session;
-mod socket_path;
-mod supervisor;
-
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
@@ -21,13 +11,15 @@ use clap::error::ErrorKind;
 use clap::{CommandFactory, Parser};
 use log::{error, info, warn};
 
-use audio::{alsa::AlsaAudio, file::FileAudio, null::Null, pipewire::PipeWireAudio, Audio};
-use audit::AuditLog;
-use cli::{BackendKind, Cli};
-use control_socket::ControlServer;
-use gate::Gate;
-use socket_path::clear_stale_socket;
-use supervisor::{handled_signals, DeviceSpec, RunEnd, Supervisor};
+use vsnd_broker::audio::{
+    alsa::AlsaAudio, file::FileAudio, null::Null, pipewire::PipeWireAudio, Audio,
+};
+use vsnd_broker::audit::AuditLog;
+use vsnd_broker::cli::{self, BackendKind, Cli};
+use vsnd_broker::control_socket::ControlServer;
+use vsnd_broker::gate::Gate;
+use vsnd_broker::socket_path::clear_stale_socket;
+use vsnd_broker::supervisor::{handled_signals, DeviceSpec, RunEnd, Supervisor};
 
 /// Exit status for bad arguments or an environment that cannot work
 /// (nothing was started).

@@ -3,11 +3,6 @@
 //! file descriptors. It serves one frontend connection and exits when the
 //! frontend disconnects; the broker starts a fresh device for the next one.
 
-mod backend;
-mod control;
-mod sg;
-mod virtio_snd;
-
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixListener;
 use std::process::ExitCode;
@@ -20,8 +15,8 @@ use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 use vsnd_ipc::{BrokerMsg, Channel, DeviceMsg, MAGIC, PROTOCOL_VERSION};
 
-use backend::{SndBackend, BROKER_EVENT};
-use control::SndModel;
+use vsnd_device::backend::{SndBackend, BROKER_EVENT};
+use vsnd_device::control::SndModel;
 use vsnd_device::sandbox::{self, SeccompMode};
 
 /// Exit status when the broker speaks another protocol version.

@@ -42,6 +42,11 @@ impl Sg {
         self.len
     }
 
+    /// True when the chain has no bytes in this direction.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
     fn push(&mut self, addr: GuestAddress, len: u32) {
         if len > 0 {
             self.segs.push(Segment { addr, len });
