@@ -48,6 +48,8 @@ for d in "$LIB"/wireplumber-0.*; do [ -d "$d" ] && WP_MOD="$d"; done   # the new
 export WIREPLUMBER_MODULE_DIR="$WP_MOD"
 export WIREPLUMBER_DATA_DIR="$ROOT/usr/share/wireplumber"
 export VSND_PW_DATADIR="$ROOT/usr/share"
+# tests/tests/pipewire.rs checks that the broker really loaded this libpipewire
+export VSND_PW_EXPECT_LIBDIR="$LIB"
 
 printf 'pipewire/with-backports.sh: %s, %s\n' \
     "$(pipewire --version | sed -n 's/.*[Ll]inked with libpipewire \(.*\)/libpipewire \1/p' | head -n1)" \

@@ -520,6 +520,7 @@ fn playback_is_bit_exact_in_the_sink_monitor() {
         ..Guest::default()
     };
     g.player.as_mut().unwrap().start(&mut fe);
+    let lib = assert_libpipewire_loaded(&broker);
     g.finish_playing(&mut fe);
     g.player().assert_paced("2 s of playback", &broker);
     fixture::stop(&mut fe, OUT);
@@ -548,15 +549,46 @@ fn playback_is_bit_exact_in_the_sink_monitor() {
     );
     let (took, nominal) = g.player().pace();
     println!(
-        "playback: {} bytes bit-exact and contiguous at byte {at} of {} recorded ({:.1} ms of \
-         leading silence), silence only around it; {} periods in {took:?} (nominal \
-         {nominal:?}), longest gap {:?}; 0 underruns",
+        "playback through {lib}: {} bytes bit-exact and contiguous at byte {at} of {} \
+         recorded ({:.1} ms of leading silence), silence only around it; {} periods in \
+         {took:?} (nominal {nominal:?}), longest gap {:?}; 0 underruns",
         data.len(),
         got.len(),
         ms(at),
         g.player().done.len(),
         g.player().max_gap(0)
     );
+}
+
+/// Environment variable naming the directory the broker's libpipewire must
+/// come from (set by `tests/pipewire/with-backports.sh`), so that a run meant
+/// for another PipeWire version fails instead of quietly testing the
+/// installed one.
+const EXPECT_LIBDIR_ENV: &str = "VSND_PW_EXPECT_LIBDIR";
+
+/// The libpipewire the running broker has mapped (from `/proc/PID/maps`),
+/// checked against [`EXPECT_LIBDIR_ENV`] when that is set.
+fn assert_libpipewire_loaded(broker: &Broker) -> String {
+    let pid = broker.pid().expect("the broker is running");
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps"))
+        .unwrap_or_else(|e| panic!("cannot read /proc/{pid}/maps: {e}"));
+    let lib = maps
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(5))
+        .find(|p| p.contains("/libpipewire-0.3.so"))
+        .unwrap_or_else(|| panic!("the broker (pid {pid}) has no libpipewire-0.3.so mapped"))
+        .to_string();
+    if let Some(dir) = std::env::var_os(EXPECT_LIBDIR_ENV) {
+        let dir = std::path::PathBuf::from(dir);
+        let real = std::fs::canonicalize(&lib).unwrap_or_else(|_| lib.clone().into());
+        assert!(
+            real.starts_with(&dir),
+            "{EXPECT_LIBDIR_ENV}={} but the broker loaded {lib} ({})",
+            dir.display(),
+            real.display()
+        );
+    }
+    lib
 }
 
 /// While the guest plays, `pw-dump` shows its stream as a mixer would:
