@@ -13,8 +13,8 @@
 //! helpers read and write, so `played()`, `capture_bytes()` & co. work
 //! unchanged. The `null` slave has no clock: the broker's clock paces both
 //! streams, as it does for every backend. Nothing ever blocks and nothing
-//! ever xruns on these PCMs, so the backend's xrun recovery cannot be
-//! exercised with them.
+//! ever xruns on these PCMs (`tests/alsa.rs` provokes xruns through
+//! PipeWire's ALSA plugin instead).
 //!
 //! The broker runs in a clean environment ([`environment`]):
 //! `ALSA_CONFIG_PATH=<dir>/asound.conf` makes that file the *only*

@@ -11,10 +11,13 @@
 //! the real-time pace, the exact bytes, and when the capture PCM is open
 //! (the broker holds `capture.raw` open exactly while it is).
 //!
-//! Not covered: xruns. A `null` slave never runs dry or over, and no PCM
-//! with a clock of its own exists without a sound card (or a sound server's
-//! ALSA plugin), so the backend's xrun recovery is not exercised here; the
-//! tests only check that no xrun and no dropped playback byte is reported.
+//! A `null` slave never runs dry or over, so these tests check that no xrun
+//! and no dropped playback byte is reported. Xruns are provoked for real
+//! with the one PCM that has a clock of its own without a sound card,
+//! PipeWire's ALSA plugin (`pipewire-alsa`) over a private daemon: the
+//! broker's feeding thread is held still (ptrace, that one thread only)
+//! until the PCM runs dry. Capture overruns are not: that plugin's capture
+//! PCM drops what does not fit and never reports one.
 //!
 //! Build the binaries first (`cargo build --workspace --bins`); `aplay`
 //! (alsa-utils, from `scripts/setup`) gives an independent opinion of what
@@ -970,4 +973,225 @@ fn a_playback_device_that_cannot_be_opened_is_a_usage_error() {
         socket.display()
     );
     println!("bad playback device: exit 2 after {took:?}: {message}");
+}
+
+/// The ALSA plugin that plays into PipeWire (`pipewire-alsa`, installed by
+/// `scripts/setup`): the one PCM with a clock of its own that exists
+/// without a sound card.
+const PW_PLUGIN: &str = "/usr/lib/x86_64-linux-gnu/alsa-lib/libasound_module_pcm_pipewire.so";
+
+/// Stop one thread of another process (ptrace `SEIZE` + `INTERRUPT` act on
+/// a single task, unlike SIGSTOP) for `how_long`, then let it go. The
+/// process's other threads keep running.
+fn stall_thread(tid: i32, how_long: Duration) {
+    let seize = libc::PTRACE_SEIZE as libc::c_uint;
+    let interrupt = libc::PTRACE_INTERRUPT as libc::c_uint;
+    let detach = libc::PTRACE_DETACH as libc::c_uint;
+    let null = std::ptr::null_mut::<libc::c_void>();
+    // SAFETY: ptrace requests on another process's task with null
+    // address/data arguments; no memory of ours is read or written.
+    let rc = unsafe { libc::ptrace(seize, tid, null, null) };
+    assert_eq!(
+        rc,
+        0,
+        "PTRACE_SEIZE {tid}: {}",
+        std::io::Error::last_os_error()
+    );
+    // SAFETY: as above.
+    let rc = unsafe { libc::ptrace(interrupt, tid, null, null) };
+    assert_eq!(
+        rc,
+        0,
+        "PTRACE_INTERRUPT {tid}: {}",
+        std::io::Error::last_os_error()
+    );
+    let mut status = 0;
+    // SAFETY: waits for the traced task; `status` is a valid out pointer.
+    let rc = unsafe { libc::waitpid(tid, &mut status, libc::__WALL) };
+    assert_eq!(
+        rc,
+        tid,
+        "waitpid {tid}: {}",
+        std::io::Error::last_os_error()
+    );
+    std::thread::sleep(how_long);
+    // SAFETY: as above; detaching resumes the task.
+    let rc = unsafe { libc::ptrace(detach, tid, null, null) };
+    assert_eq!(
+        rc,
+        0,
+        "PTRACE_DETACH {tid}: {}",
+        std::io::Error::last_os_error()
+    );
+}
+
+/// START stream 0 with `window` periods of `data` queued, and keep that
+/// many queued (one more after each that comes back, as a guest does) until
+/// all are played; returns the time from START to each return.
+fn play_streaming(
+    fe: &mut Frontend,
+    cfg: &PcmConfig,
+    data: &[Vec<u8>],
+    window: usize,
+) -> Vec<Duration> {
+    let mut next = 0;
+    while next < window.min(data.len()) {
+        add_tx(fe, OUT, &data[next]);
+        next += 1;
+    }
+    fe.kick(snd::QUEUE_TX).unwrap();
+    fixture::start(fe, OUT);
+    let t0 = Instant::now();
+    let bound = cfg.period() * data.len() as u32 * 5 + PROMPT;
+    (0..data.len())
+        .map(|i| {
+            let u = wait_used(fe, snd::QUEUE_TX, bound, &format!("playback buffer {i}"));
+            let st = tx_status(&u, &format!("playback buffer {i}"));
+            assert_eq!(
+                st.status,
+                snd::S_OK,
+                "playback buffer {i}: expected S_OK, got {}",
+                snd::status_name(st.status)
+            );
+            let at = t0.elapsed();
+            if next < data.len() {
+                add_tx(fe, OUT, &data[next]);
+                fe.kick(snd::QUEUE_TX).unwrap();
+                next += 1;
+            }
+            at
+        })
+        .collect()
+}
+
+/// A broker with the ALSA backend whose playback PCM plays into the
+/// private PipeWire daemon `pw` through PipeWire's ALSA plugin
+/// (`vsnd_pw_out`): a PCM with a clock of its own, the PipeWire graph's,
+/// which runs in another process. (Capture stays the file PCM: the
+/// plugin's capture PCM never reports an overrun, it drops what does not
+/// fit; `arecord` held still for 500 ms sees none either.)
+fn pw_alsa_broker(pw: &vsnd_tests::pipewire::PipeWire, tag: &str, initial: &str) -> Broker {
+    assert!(
+        Path::new(PW_PLUGIN).exists(),
+        "this test needs PipeWire's ALSA plugin ({PW_PLUGIN}): run scripts/setup"
+    );
+    let pcms = AlsaPcms {
+        playback: "vsnd_pw_out".into(),
+        extra: "pcm.vsnd_pw_out {\n    type pipewire\n}\n".into(),
+        ..AlsaPcms::default()
+    };
+    let mut backend = pcms.backend();
+    if let Some(env) = backend.env.as_mut() {
+        env.extend(pw.env());
+    }
+    Broker::start_with(
+        tag,
+        BrokerOptions {
+            initial_streams: initial.into(),
+            capture: pcm_pattern(0xA15A, CAPTURE_LEN),
+            backend: Some(backend),
+            ..BrokerOptions::default()
+        },
+    )
+}
+
+/// Hold the broker's main thread (the one that feeds and drains ALSA)
+/// still for [`STALL`], 400 ms from now, on another thread; join it for
+/// how long the stall really took.
+fn stall_broker_soon(broker: &Broker) -> std::thread::JoinHandle<Duration> {
+    let tid = broker.pid().expect("the broker is running") as i32;
+    std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(400));
+        let t = Instant::now();
+        stall_thread(tid, STALL);
+        t.elapsed()
+    })
+}
+
+/// How long [`stall_broker_soon`] holds the broker: longer than the
+/// PCM's buffer (4 periods of 20 ms).
+const STALL: Duration = Duration::from_millis(300);
+
+/// The broker's log once the stream `what` (`playback`, `capture`) was
+/// closed after an xrun: the "recovered" lines and the "closed" lines.
+/// Panics unless an xrun was logged as recovered and counted at close.
+fn assert_xrun_recovered(broker: &Broker, what: &str, stalled: Duration) -> (String, String) {
+    let log = wait_for(PROMPT, || {
+        let log = broker.log();
+        log.contains(XRUN_LOG[1]).then_some(log)
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "expected the broker to log the closed stream's xruns (\"{}\"); log:\n{}",
+            XRUN_LOG[1],
+            broker.log_tail()
+        )
+    });
+    let recovered = lines_with(&log, XRUN_LOG[0]);
+    assert!(
+        recovered
+            .iter()
+            .any(|l| l.contains(&format!("ALSA {what}:")) && l.contains("recovered")),
+        "expected an ALSA {what} xrun logged as recovered after the broker stood still for \
+         {stalled:?}; log:\n{}",
+        broker.log_tail()
+    );
+    let closed = lines_with(&log, XRUN_LOG[1]);
+    let counted: u64 = closed
+        .iter()
+        .filter_map(|l| {
+            l.split(XRUN_LOG[1])
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .parse::<u64>()
+                .ok()
+        })
+        .sum();
+    assert!(
+        counted >= 1,
+        "expected the closed stream to count at least one xrun; it logged:\n{}",
+        closed.join("\n")
+    );
+    let strip = |l: &&str| l.split("] ").nth(1).unwrap_or(l).to_string();
+    (
+        recovered.iter().map(strip).collect::<Vec<_>>().join(" | "),
+        closed.iter().map(strip).collect::<Vec<_>>().join(" | "),
+    )
+}
+
+/// An xrun, provoked for real: the broker plays through PipeWire's ALSA
+/// plugin and its main thread (the one that feeds ALSA) is held still for
+/// 300 ms while the plugin's own thread keeps consuming. The PCM runs dry;
+/// the broker recovers, counts and logs the xrun, and the guest notices
+/// nothing but late buffers: every one comes back S_OK and the stream
+/// plays on after the stall.
+#[test]
+fn a_playback_xrun_is_recovered_counted_and_logged() {
+    let pw = vsnd_tests::pipewire::PipeWire::start();
+    let broker = pw_alsa_broker(&pw, "alsa-xrun-out", "output");
+    let mut fe = broker.connect(FrontendOptions::default());
+    let pid = broker.device_pid(PROMPT);
+    let cfg = PcmConfig::s16_stereo_48k(20);
+    const N: usize = 60; // 1.2 s
+    let data = periods(&cfg, N, 0x7A11);
+    setup_stream(&mut fe, OUT, &cfg);
+    let staller = stall_broker_soon(&broker);
+    let times = play_streaming(&mut fe, &cfg, &data, 8);
+    let stalled = staller.join().expect("the stalling thread");
+    fixture::stop(&mut fe, OUT);
+    fixture::release(&mut fe, OUT);
+    let (recovered, closed) = assert_xrun_recovered(&broker, "playback", stalled);
+    let last = *times.last().unwrap_or(&Duration::ZERO);
+    let nominal = cfg.period() * N as u32;
+    assert!(
+        last >= nominal * 4 / 5,
+        "{N} periods came back {last:?} after START; expected the stream to play on at the \
+         real-time pace after the stall (at least 80% of {nominal:?})"
+    );
+    assert_responsive(&mut fe, &broker, pid, "after the xrun");
+    println!(
+        "playback xrun: the broker held for {stalled:?}; logged: {recovered}; closed: \
+         {closed}; all {N} buffers S_OK, the last {last:?} after START (nominal {nominal:?})"
+    );
 }
