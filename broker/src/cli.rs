@@ -121,6 +121,15 @@ pub struct Cli {
     /// every device start.
     #[arg(long)]
     pub insecure_no_sandbox: bool,
+
+    /// Measurement only, never for production (hidden from --help): the
+    /// broker consumes playback and answers capture as fast as the device
+    /// sends them, without real-time pacing, so `vsnd-bench compare` can
+    /// measure the pipeline's sustained throughput. A guest served this way
+    /// plays and records at the wrong speed. A command-line flag only, on
+    /// purpose: no configuration file can turn it on.
+    #[arg(long, hide = true)]
+    pub unpaced_for_benchmark: bool,
 }
 
 /// The device's seccomp mismatch action.

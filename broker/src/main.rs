@@ -63,6 +63,10 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    if cli.unpaced_for_benchmark {
+        warn!("*** MEASUREMENT ONLY: --unpaced-for-benchmark: audio is not paced in real time; never use this for a VM ***");
+        sup.set_unpaced_for_benchmark(true);
+    }
     let end = sup.run();
     remove_socket(created_socket.as_deref());
     match end {

@@ -144,6 +144,9 @@ pub struct Session {
     playback: Playback,
     capture: Capture,
     scratch: Vec<u8>,
+    /// Measurement only: consume and answer at once, not at the real-time
+    /// rate.
+    unpaced: bool,
 }
 
 impl Session {
@@ -161,7 +164,17 @@ impl Session {
             playback: Playback::default(),
             capture: Capture::default(),
             scratch: Vec::new(),
+            unpaced: false,
         })
+    }
+
+    /// Measurement only, never for production (`--unpaced-for-benchmark`):
+    /// playback is consumed and capture answered as soon as they arrive,
+    /// without waiting for the real-time clock, so a benchmark can measure
+    /// how fast the device⇄broker pipeline itself moves audio. Everything
+    /// else (validation, the gate, the backend) is unchanged.
+    pub fn set_unpaced_for_benchmark(&mut self, unpaced: bool) {
+        self.unpaced = unpaced;
     }
 
     /// The channel, for polling.
@@ -484,7 +497,11 @@ impl Session {
         let (Some(mut clock), Some(params)) = (pb.clock, pb.params) else {
             return Ok(());
         };
-        let mut budget = clock.due(now, &params);
+        let mut budget = if self.unpaced {
+            u64::MAX
+        } else {
+            clock.due(now, &params)
+        };
         let mut done = Vec::new();
         while budget > 0 {
             let Some(chunk) = pb.queue.front_mut() else {
@@ -527,7 +544,7 @@ impl Session {
             return Ok(());
         };
         while let Some(req) = self.capture.queue.front() {
-            if clock.due(now, &params) < u64::from(req.len) {
+            if !self.unpaced && clock.due(now, &params) < u64::from(req.len) {
                 break;
             }
             let (buffer, len) = (req.buffer, req.len as usize);
@@ -770,6 +787,50 @@ mod tests {
         want.extend(vec![2u8; PERIOD as usize]);
         want.extend(vec![3u8; PERIOD as usize]);
         assert_eq!(r.audio.played, want, "exactly the guest's bytes, in order");
+    }
+
+    #[test]
+    fn unpaced_for_benchmark_consumes_and_answers_at_once() {
+        let mut r = Rig::new(GateState {
+            output: true,
+            input: true,
+        });
+        r.session.set_unpaced_for_benchmark(true);
+        r.stream(Direction::Output);
+        r.stream(Direction::Input);
+        for d in Direction::ALL {
+            r.send(DeviceMsg::Start { direction: d }).unwrap();
+        }
+        for b in 0..50u64 {
+            r.send(DeviceMsg::Playback {
+                buffer: b,
+                last: true,
+                data: vec![b as u8; PERIOD as usize],
+            })
+            .unwrap();
+            r.send(DeviceMsg::Capture {
+                buffer: 100 + b,
+                len: PERIOD,
+            })
+            .unwrap();
+        }
+        // Half a second of audio each way, at the very instant of START.
+        r.tick(r.at(0));
+        // More than the socket buffer holds: read, let the outbox flush,
+        // read again.
+        let mut replies = r.replies();
+        while r.session.wants_write() {
+            r.session.on_writable().unwrap();
+            replies.extend(r.replies());
+        }
+        assert_eq!(done_ids(&replies), (0..50).collect::<Vec<_>>());
+        let captured = replies
+            .iter()
+            .filter(|m| matches!(m, BrokerMsg::CaptureData { last: true, .. }))
+            .count();
+        assert_eq!(captured, 50, "every capture request answered at once");
+        assert_eq!(r.audio.played.len(), 50 * PERIOD as usize);
+        assert_eq!(r.session.next_deadline(), None, "nothing left to wait for");
     }
 
     #[test]

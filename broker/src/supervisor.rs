@@ -90,6 +90,7 @@ pub struct Supervisor {
     gate: Gate,
     control: Option<ControlServer>,
     signals: SignalFd,
+    unpaced: bool,
 }
 
 impl Supervisor {
@@ -113,7 +114,14 @@ impl Supervisor {
             gate,
             control,
             signals,
+            unpaced: false,
         })
+    }
+
+    /// Measurement only (`--unpaced-for-benchmark`): sessions run without
+    /// real-time pacing (see [`Session::set_unpaced_for_benchmark`]).
+    pub fn set_unpaced_for_benchmark(&mut self, unpaced: bool) {
+        self.unpaced = unpaced;
     }
 
     /// Run until SIGTERM/SIGINT or a fatal error.
@@ -266,6 +274,7 @@ impl Supervisor {
             Ok(s) => s,
             Err(e) => return stop_device(&mut child, Some(e.to_string())),
         };
+        session.set_unpaced_for_benchmark(self.unpaced);
         loop {
             let now = Instant::now();
             if let Err(e) = session.on_tick(self.audio.as_mut(), now) {
