@@ -120,8 +120,22 @@ fn play_queued(
     data: &[Vec<u8>],
     queued: usize,
 ) -> Vec<Duration> {
-    for p in data.iter().skip(queued) {
-        add_tx(fe, OUT, p);
+    play_window(fe, cfg, data, queued, data.len())
+}
+
+/// Like [`play_queued`], but with at most `window` periods queued at a
+/// time: one more is queued after each that comes back, as a guest does.
+fn play_window(
+    fe: &mut Frontend,
+    cfg: &PcmConfig,
+    data: &[Vec<u8>],
+    queued: usize,
+    window: usize,
+) -> Vec<Duration> {
+    let mut next = queued;
+    while next < window.min(data.len()) {
+        add_tx(fe, OUT, &data[next]);
+        next += 1;
     }
     fe.kick(snd::QUEUE_TX).unwrap();
     fixture::start(fe, OUT);
@@ -137,7 +151,13 @@ fn play_queued(
                 "playback buffer {i}: expected S_OK, got {}",
                 snd::status_name(st.status)
             );
-            t0.elapsed()
+            let at = t0.elapsed();
+            if next < data.len() {
+                add_tx(fe, OUT, &data[next]);
+                fe.kick(snd::QUEUE_TX).unwrap();
+                next += 1;
+            }
+            at
         })
         .collect()
 }
@@ -1025,45 +1045,6 @@ fn stall_thread(tid: i32, how_long: Duration) {
     );
 }
 
-/// START stream 0 with `window` periods of `data` queued, and keep that
-/// many queued (one more after each that comes back, as a guest does) until
-/// all are played; returns the time from START to each return.
-fn play_streaming(
-    fe: &mut Frontend,
-    cfg: &PcmConfig,
-    data: &[Vec<u8>],
-    window: usize,
-) -> Vec<Duration> {
-    let mut next = 0;
-    while next < window.min(data.len()) {
-        add_tx(fe, OUT, &data[next]);
-        next += 1;
-    }
-    fe.kick(snd::QUEUE_TX).unwrap();
-    fixture::start(fe, OUT);
-    let t0 = Instant::now();
-    let bound = cfg.period() * data.len() as u32 * 5 + PROMPT;
-    (0..data.len())
-        .map(|i| {
-            let u = wait_used(fe, snd::QUEUE_TX, bound, &format!("playback buffer {i}"));
-            let st = tx_status(&u, &format!("playback buffer {i}"));
-            assert_eq!(
-                st.status,
-                snd::S_OK,
-                "playback buffer {i}: expected S_OK, got {}",
-                snd::status_name(st.status)
-            );
-            let at = t0.elapsed();
-            if next < data.len() {
-                add_tx(fe, OUT, &data[next]);
-                fe.kick(snd::QUEUE_TX).unwrap();
-                next += 1;
-            }
-            at
-        })
-        .collect()
-}
-
 /// A broker with the ALSA backend whose playback PCM plays into the
 /// private PipeWire daemon `pw` through PipeWire's ALSA plugin
 /// (`vsnd_pw_out`): a PCM with a clock of its own, the PipeWire graph's,
@@ -1177,7 +1158,7 @@ fn a_playback_xrun_is_recovered_counted_and_logged() {
     let data = periods(&cfg, N, 0x7A11);
     setup_stream(&mut fe, OUT, &cfg);
     let staller = stall_broker_soon(&broker);
-    let times = play_streaming(&mut fe, &cfg, &data, 8);
+    let times = play_window(&mut fe, &cfg, &data, 0, 8);
     let stalled = staller.join().expect("the stalling thread");
     fixture::stop(&mut fe, OUT);
     fixture::release(&mut fe, OUT);
