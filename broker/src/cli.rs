@@ -1,12 +1,22 @@
 //! The command line of vsnd-broker: drop-in for vhost-device-sound users
 //! (`--socket`, `--socket-fd`, `--backend`, `--streams`), plus vsnd's own.
+//! Every option except the `--insecure-*` ones can also be set in a
+//! `--config` file (see [`crate::config`]); the command line wins.
 
 use std::path::PathBuf;
 
 use clap::{ArgGroup, Parser, ValueEnum};
+use serde::Deserialize;
+
+/// vsnd-broker's exit status for bad arguments, a bad config file or an
+/// environment that cannot work (nothing was started).
+pub const EXIT_USAGE: u8 = 2;
+/// vsnd-broker's exit status for a fatal error at run time.
+pub const EXIT_FATAL: u8 = 1;
 
 /// Host audio backends.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum BackendKind {
     /// No host audio: playback is discarded and capture is silence, both at
     /// the real-time rate.
@@ -25,10 +35,22 @@ pub enum BackendKind {
 /// never decides whether the microphone is on.
 #[derive(Debug, Parser)]
 #[command(name = "vsnd-broker", version, about, long_about = None)]
-#[command(group(ArgGroup::new("listener").required(true).args(["socket", "socket_fd"])))]
+#[command(
+    override_usage = "vsnd-broker [--socket PATH | --socket-fd FD] [--config FILE] [OPTIONS]"
+)]
+// Not `required`: the listener may also come from --config or from socket
+// activation (LISTEN_FDS); main checks that there is one.
+#[command(group(ArgGroup::new("listener").args(["socket", "socket_fd"])))]
 pub struct Cli {
+    /// Read settings from this TOML file (keys are the long option names,
+    /// e.g. `initial-streams = "output"`); options given on the command line
+    /// override it.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
     /// Path of the vhost-user socket to create and listen on (for QEMU's
-    /// `-chardev socket,path=PATH`).
+    /// `-chardev socket,path=PATH`). Without --socket and --socket-fd the
+    /// broker uses the socket a service manager passed (LISTEN_FDS).
     #[arg(long, value_name = "PATH")]
     pub socket: Option<PathBuf>,
 
@@ -95,8 +117,8 @@ pub struct Cli {
     /// Also let this uid use the control socket (besides root and the
     /// broker's own uid); repeatable. The socket file's mode is 0600, so the
     /// uid also needs a way to reach it (e.g. a group-owned directory, or
-    /// pass the socket with a service manager).
-    #[arg(long, value_name = "UID", requires = "control_socket")]
+    /// pass the socket with a service manager). Needs --control-socket.
+    #[arg(long, value_name = "UID")]
     pub control_allow_uid: Vec<u32>,
 
     /// Append every change of the enable flags to FILE (one line each,
@@ -133,7 +155,8 @@ pub struct Cli {
 }
 
 /// The device's seccomp mismatch action.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum SeccompMode {
     /// Kill the device (after it names the call on stderr).
     Kill,
@@ -161,7 +184,7 @@ pub fn parse_streams(list: &str) -> Result<(bool, bool), String> {
             "none" | "" => {}
             other => {
                 return Err(format!(
-                    "unknown stream {other:?} in --initial-streams {list:?}: use `output`, `input`, `output,input` or `none`"
+                    "unknown stream {other:?} in {list:?}: use `output`, `input`, `output,input` or `none`"
                 ))
             }
         }
@@ -195,7 +218,9 @@ mod tests {
         let c =
             Cli::try_parse_from(["vsnd-broker", "--socket", "/x", "--streams", "input"]).unwrap();
         assert_eq!(c.initial_streams, "input");
-        assert!(Cli::try_parse_from(["vsnd-broker"]).is_err());
+        // No listener on the command line is for main to judge (the config
+        // file or socket activation may provide one); two is always wrong.
+        assert!(Cli::try_parse_from(["vsnd-broker"]).is_ok());
         assert!(
             Cli::try_parse_from(["vsnd-broker", "--socket", "/x", "--socket-fd", "3"]).is_err()
         );

@@ -6,9 +6,12 @@
 pub mod audio;
 pub mod audit;
 pub mod cli;
+pub mod config;
 pub mod control_socket;
+pub mod ctl_cli;
 pub mod device_log;
 pub mod gate;
 pub mod session;
 pub mod socket_path;
 pub mod supervisor;
+pub mod systemd;

@@ -6,30 +6,42 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::rc::Rc;
 
 use clap::error::ErrorKind;
-use clap::{CommandFactory, Parser};
+use clap::{ArgMatches, CommandFactory, FromArgMatches};
 use log::{error, info, warn};
 
 use vsnd_broker::audio::{
     alsa::AlsaAudio, file::FileAudio, null::Null, pipewire::PipeWireAudio, Audio,
 };
 use vsnd_broker::audit::AuditLog;
-use vsnd_broker::cli::{self, BackendKind, Cli};
+use vsnd_broker::cli::{self, BackendKind, Cli, EXIT_USAGE};
+use vsnd_broker::config;
 use vsnd_broker::control_socket::ControlServer;
 use vsnd_broker::gate::Gate;
 use vsnd_broker::socket_path::clear_stale_socket;
 use vsnd_broker::supervisor::{handled_signals, DeviceSpec, RunEnd, Supervisor};
-
-/// Exit status for bad arguments or an environment that cannot work
-/// (nothing was started).
-const EXIT_USAGE: u8 = 2;
+use vsnd_broker::systemd::{self, Activation, Notifier};
 
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
         .format_timestamp_millis()
         .init();
-    let cli = Cli::parse();
+    // First, while there is one thread: take the service manager's variables
+    // out of the environment, so that nothing the broker starts sees them.
+    let activation = systemd::take_activation();
+    let notifier = Notifier::from_env().map(Rc::new);
+
+    let matches = Cli::command().get_matches();
+    let mut cli = match Cli::from_arg_matches(&matches) {
+        Ok(c) => c,
+        Err(e) => e.exit(),
+    };
+    let listener = match settle(&mut cli, &matches, activation) {
+        Ok(l) => l,
+        Err(msg) => return usage_error(msg),
+    };
 
     // Before anything else (and before any thread): our signals are read from
     // a signalfd, never delivered asynchronously.
@@ -38,17 +50,14 @@ fn main() -> ExitCode {
         return ExitCode::FAILURE;
     }
 
-    let prepared = match prepare(&cli) {
+    let prepared = match prepare(&cli, &listener) {
         Ok(p) => p,
-        Err(msg) => {
-            let mut cmd = Cli::command();
-            cmd.error(ErrorKind::InvalidValue, msg).print().ok();
-            return ExitCode::from(EXIT_USAGE);
-        }
+        Err(msg) => return usage_error(msg),
     };
     let Prepared {
         listener,
         created_socket,
+        serving,
         device,
         audio,
         gate,
@@ -67,7 +76,16 @@ fn main() -> ExitCode {
         warn!("*** MEASUREMENT ONLY: --unpaced-for-benchmark: audio is not paced in real time; never use this for a VM ***");
         sup.set_unpaced_for_benchmark(true);
     }
+    if let Some(n) = notifier.clone() {
+        sup.on_device_started(move |pid| n.device_started(&serving, pid));
+    }
     let end = sup.run();
+    if let Some(n) = &notifier {
+        n.stopping(&match &end {
+            RunEnd::Shutdown => "stopping".to_string(),
+            RunEnd::Fatal(msg) => format!("failed: {msg}"),
+        });
+    }
     remove_socket(created_socket.as_deref());
     match end {
         RunEnd::Shutdown => {
@@ -81,9 +99,93 @@ fn main() -> ExitCode {
     }
 }
 
+/// Report a usage error (bad argument, config file or environment) the way
+/// clap does, and exit with [`EXIT_USAGE`]: nothing was started.
+fn usage_error(msg: String) -> ExitCode {
+    let mut cmd = Cli::command();
+    cmd.error(ErrorKind::InvalidValue, msg).print().ok();
+    ExitCode::from(EXIT_USAGE)
+}
+
+/// Where the vhost-user listener comes from.
+enum ListenerSpec {
+    /// Bind a new socket here (`--socket`).
+    Path(PathBuf),
+    /// An inherited listening descriptor; `what` names it in messages.
+    Fd { fd: i32, what: String },
+}
+
+/// Complete `cli` from the --config file (the command line wins) and
+/// decide where the listener comes from: --socket or --socket-fd on the
+/// command line; else a socket passed by the service manager (LISTEN_FDS);
+/// else `socket` or `socket-fd` of the config file.
+fn settle(
+    cli: &mut Cli,
+    matches: &ArgMatches,
+    activation: Result<Option<Activation>, String>,
+) -> Result<ListenerSpec, String> {
+    if let Some(path) = cli.config.clone() {
+        let file = config::load(&path).map_err(|e| e.to_string())?;
+        config::merge(cli, matches, file, &config::base_dir(&path))
+            .map_err(|e| format!("config file {}: {e}", path.display()))?;
+        info!("settings from {}", path.display());
+    }
+    let on_cli = config::given_on_command_line(matches, "socket")
+        || config::given_on_command_line(matches, "socket_fd");
+    let activation = match activation {
+        Err(e) if on_cli => {
+            warn!("{e}; ignored: the listener is given on the command line");
+            None
+        }
+        other => other?,
+    };
+    match activation {
+        Some(a) if !on_cli => {
+            if cli.socket.is_some() || cli.socket_fd.is_some() {
+                warn!(
+                    "socket activation: serving the socket the service manager passed \
+                     (LISTEN_FDS), not `socket`/`socket-fd` of the config file"
+                );
+                cli.socket = None;
+                cli.socket_fd = None;
+            }
+            let fd = a.listener_fd()?;
+            return Ok(ListenerSpec::Fd {
+                fd,
+                what: format!("the socket passed by the service manager (LISTEN_FDS, fd {fd})"),
+            });
+        }
+        Some(a) => {
+            info!(
+                "ignoring the {} socket(s) passed by the service manager (LISTEN_FDS): \
+                 --socket or --socket-fd given",
+                a.count
+            );
+            a.set_cloexec();
+        }
+        None => {}
+    }
+    match (&cli.socket, cli.socket_fd) {
+        (Some(path), None) => Ok(ListenerSpec::Path(path.clone())),
+        (None, Some(fd)) => Ok(ListenerSpec::Fd {
+            fd,
+            what: format!("--socket-fd {fd}"),
+        }),
+        (None, None) => Err(
+            "no vhost-user socket: give --socket PATH or --socket-fd FD \
+             (or `socket` in the --config file, or start the broker through socket \
+             activation, LISTEN_FDS)"
+                .into(),
+        ),
+        (Some(_), Some(_)) => Err("give exactly one of --socket PATH and --socket-fd FD".into()),
+    }
+}
+
 struct Prepared {
     listener: OwnedFd,
     created_socket: Option<PathBuf>,
+    /// What is served, for the service manager's status line.
+    serving: String,
     device: DeviceSpec,
     audio: Box<dyn Audio>,
     gate: Gate,
@@ -93,8 +195,15 @@ struct Prepared {
 /// Check every argument and open every resource, those with side effects
 /// last (the socket, then the audio files), so that a bad argument leaves
 /// nothing behind.
-fn prepare(cli: &Cli) -> Result<Prepared, String> {
-    let (output, input) = cli::parse_streams(&cli.initial_streams)?;
+fn prepare(cli: &Cli, spec: &ListenerSpec) -> Result<Prepared, String> {
+    let (output, input) =
+        cli::parse_streams(&cli.initial_streams).map_err(|e| format!("--initial-streams: {e}"))?;
+    if !cli.control_allow_uid.is_empty() && cli.control_socket.is_none() {
+        return Err(
+            "--control-allow-uid (control-allow-uid in the config file) needs --control-socket"
+                .into(),
+        );
+    }
 
     match cli.backend {
         BackendKind::Null | BackendKind::Alsa | BackendKind::Pipewire
@@ -137,11 +246,12 @@ fn prepare(cli: &Cli) -> Result<Prepared, String> {
 
     let audit = AuditLog::open(cli.audit_log.as_deref())?;
 
-    let (listener, created_socket) = match (&cli.socket, cli.socket_fd) {
-        (Some(path), None) => (bind_socket(path)?, Some(path.clone())),
-        (None, Some(fd)) => (inherit_socket(fd)?, None),
-        _ => return Err("give exactly one of --socket PATH and --socket-fd FD".into()),
+    let (listener, created_socket) = match spec {
+        ListenerSpec::Path(path) => (bind_socket(path)?, Some(path.clone())),
+        ListenerSpec::Fd { fd, what } => (inherit_socket(*fd, what)?, None),
     };
+    // The socket's path names the VM's streams by default, inherited too.
+    let listener_path = created_socket.clone().or_else(|| bound_path(&listener));
     let control = match &cli.control_socket {
         None => None,
         Some(p) => match ControlServer::bind(p, cli.control_allow_uid.clone()) {
@@ -164,10 +274,11 @@ fn prepare(cli: &Cli) -> Result<Prepared, String> {
         }
         BackendKind::Alsa => AlsaAudio::open(&cli.alsa_playback_device, &cli.alsa_capture_device)
             .map(|a| Box::new(a) as Box<dyn Audio>),
-        BackendKind::Pipewire => {
-            PipeWireAudio::new(&stream_name(cli), cli.pipewire_remote.as_deref())
-                .map(|a| Box::new(a) as Box<dyn Audio>)
-        }
+        BackendKind::Pipewire => PipeWireAudio::new(
+            &stream_name(cli, listener_path.as_deref()),
+            cli.pipewire_remote.as_deref(),
+        )
+        .map(|a| Box::new(a) as Box<dyn Audio>),
     };
     let audio = match opened {
         Ok(a) => a,
@@ -177,14 +288,28 @@ fn prepare(cli: &Cli) -> Result<Prepared, String> {
             return Err(e);
         }
     };
-    match &created_socket {
-        Some(p) => info!("listening on {}", p.display()),
-        None => info!("listening on inherited socket fd {}", listener.as_raw_fd()),
-    }
+    let serving = match spec {
+        ListenerSpec::Path(p) => {
+            info!("listening on {}", p.display());
+            p.display().to_string()
+        }
+        ListenerSpec::Fd { what, .. } => {
+            let path = listener_path
+                .as_deref()
+                .map(|p| format!(" ({})", p.display()))
+                .unwrap_or_default();
+            info!(
+                "listening on inherited socket fd {}{path}: {what}",
+                listener.as_raw_fd()
+            );
+            format!("inherited socket fd {}{path}", listener.as_raw_fd())
+        }
+    };
     let gate = Gate::new(output, input, audit);
     Ok(Prepared {
         listener,
         created_socket,
+        serving,
         device,
         audio,
         gate,
@@ -193,10 +318,9 @@ fn prepare(cli: &Cli) -> Result<Prepared, String> {
 }
 
 /// The name mixers show: --name, else the socket's file stem, else "vm".
-fn stream_name(cli: &Cli) -> String {
+fn stream_name(cli: &Cli, socket: Option<&Path>) -> String {
     let raw = cli.name.clone().unwrap_or_else(|| {
-        cli.socket
-            .as_deref()
+        socket
             .and_then(|p| p.file_stem())
             .map(|s| s.to_string_lossy().into_owned())
             .unwrap_or_else(|| "vm".into())
@@ -261,28 +385,42 @@ fn bind_socket(path: &Path) -> Result<OwnedFd, String> {
     Ok(OwnedFd::from(l))
 }
 
-fn inherit_socket(fd: i32) -> Result<OwnedFd, String> {
-    use nix::sys::socket::{getsockopt, sockopt};
+/// Take ownership of the inherited listener `fd` (`what` names it in
+/// messages), after checking that it is a listening Unix stream socket.
+///
+/// The device later gets it as its descriptor 3; the broker's own copy may
+/// already be 3 (socket activation), which the spawn handles (it moves both
+/// of the device's descriptors above 10 before placing them).
+fn inherit_socket(fd: i32, what: &str) -> Result<OwnedFd, String> {
+    use nix::sys::socket::{getsockname, getsockopt, sockopt, AddressFamily, SockaddrLike as _};
     if fd < 3 {
         return Err(format!(
-            "--socket-fd {fd} is a standard stream, not a listening socket"
+            "{what} is a standard stream, not a listening socket"
         ));
     }
     // SAFETY: F_GETFD only asks whether the number is an open descriptor.
     if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
-        return Err(format!("--socket-fd {fd} is not an open file descriptor"));
+        return Err(format!("{what} is not an open file descriptor"));
     }
     // SAFETY: fd is open (checked above) and handed to us by our parent; we
     // take ownership of it.
     let owned = unsafe { OwnedFd::from_raw_fd(fd) };
     match getsockopt(&owned, sockopt::AcceptConn) {
         Ok(true) => {}
-        Ok(false) => return Err(format!("--socket-fd {fd} is a socket but is not listening")),
-        Err(_) => return Err(format!("--socket-fd {fd} is not a socket")),
+        Ok(false) => return Err(format!("{what} is a socket but is not listening")),
+        Err(_) => return Err(format!("{what} is not a socket")),
+    }
+    let family = getsockname::<nix::sys::socket::SockaddrStorage>(owned.as_raw_fd())
+        .ok()
+        .and_then(|a| a.family());
+    if family != Some(AddressFamily::Unix) {
+        return Err(format!(
+            "{what} is not a Unix socket (AF_UNIX); vhost-user needs a Unix stream socket"
+        ));
     }
     match getsockopt(&owned, sockopt::SockType) {
         Ok(nix::sys::socket::SockType::Stream) => {}
-        _ => return Err(format!("--socket-fd {fd} is not a stream socket")),
+        _ => return Err(format!("{what} is not a stream socket (SOCK_STREAM)")),
     }
     // The device accepts with blocking calls; a non-blocking listener would
     // make it spin.
@@ -297,6 +435,12 @@ fn inherit_socket(fd: i32) -> Result<OwnedFd, String> {
     )
     .map_err(|e| e.to_string())?;
     Ok(owned)
+}
+
+/// The filesystem path a Unix socket is bound to, if any.
+fn bound_path(fd: &OwnedFd) -> Option<PathBuf> {
+    let addr = nix::sys::socket::getsockname::<nix::sys::socket::UnixAddr>(fd.as_raw_fd()).ok()?;
+    addr.path().map(Path::to_path_buf)
 }
 
 fn remove_socket(path: Option<&Path>) {

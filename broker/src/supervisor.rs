@@ -91,6 +91,8 @@ pub struct Supervisor {
     control: Option<ControlServer>,
     signals: SignalFd,
     unpaced: bool,
+    /// Called with the pid of every device started (readiness reporting).
+    on_started: Option<Box<dyn FnMut(u32)>>,
 }
 
 impl Supervisor {
@@ -115,7 +117,14 @@ impl Supervisor {
             control,
             signals,
             unpaced: false,
+            on_started: None,
         })
+    }
+
+    /// Call `f` with the device's pid each time a device has been started
+    /// (the listener is then being served).
+    pub fn on_device_started(&mut self, f: impl FnMut(u32) + 'static) {
+        self.on_started = Some(Box::new(f));
     }
 
     /// Measurement only (`--unpaced-for-benchmark`): sessions run without
@@ -131,6 +140,9 @@ impl Supervisor {
             let started = Instant::now();
             let end = match self.spawn() {
                 Ok((child, ch, mut log)) => {
+                    if let Some(f) = self.on_started.as_mut() {
+                        f(child.id());
+                    }
                     let end = self.serve(child, ch, &mut log);
                     log.drain();
                     // The session is over, however it ended: the host capture

@@ -7,55 +7,11 @@
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
-use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::{Parser, Subcommand, ValueEnum};
-
-/// Query and change vsnd-broker's enable flags (output: the guest's
-/// playback reaches the host; input: the host microphone reaches the guest).
-#[derive(Debug, Parser)]
-#[command(name = "vsnd-ctl", version, about)]
-struct Cli {
-    /// The broker's control socket (its --control-socket).
-    #[arg(long, value_name = "PATH")]
-    socket: PathBuf,
-
-    #[command(subcommand)]
-    command: Command,
-}
-
-#[derive(Debug, Subcommand)]
-enum Command {
-    /// Print the flags: `output=on input=off`.
-    Query,
-    /// Turn a direction on or off, and print the flags after the change.
-    Set {
-        /// `output` or `input`.
-        direction: DirectionArg,
-        /// `on` or `off`.
-        value: OnOff,
-    },
-    /// Print the flags, then one line on every change, until interrupted.
-    Subscribe,
-}
-
-#[derive(Debug, Clone, Copy, ValueEnum)]
-enum DirectionArg {
-    Output,
-    Input,
-}
-
-#[derive(Debug, Clone, Copy, ValueEnum)]
-enum OnOff {
-    On,
-    Off,
-}
-
-const EXIT_REFUSED: u8 = 1;
-const EXIT_UNREACHABLE: u8 = 3;
-const EXIT_DENIED: u8 = 4;
+use clap::Parser;
+use vsnd_broker::ctl_cli::{Cli, Command, EXIT_DENIED, EXIT_REFUSED, EXIT_UNREACHABLE};
 
 /// How long to wait for an answer to QUERY or SET.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
@@ -73,21 +29,7 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_UNREACHABLE);
         }
     };
-    let request = match cli.command {
-        Command::Query => "QUERY".to_string(),
-        Command::Subscribe => "SUBSCRIBE".to_string(),
-        Command::Set { direction, value } => format!(
-            "SET {} {}",
-            match direction {
-                DirectionArg::Output => "output",
-                DirectionArg::Input => "input",
-            },
-            match value {
-                OnOff::On => "on",
-                OnOff::Off => "off",
-            }
-        ),
-    };
+    let request = cli.command.request();
     let subscribe = matches!(cli.command, Command::Subscribe);
     if !subscribe {
         let _ = stream.set_read_timeout(Some(ANSWER_TIMEOUT));
