@@ -65,7 +65,7 @@ pub struct Cli {
 
     /// Which directions are enabled at start: a comma-separated list of
     /// `output` and `input`, or `none`. The microphone (input) is off unless
-    /// listed here.
+    /// listed here. `--streams` is an alias (as in vhost-device-sound).
     #[arg(
         long,
         visible_alias = "streams",

@@ -535,21 +535,50 @@ seccomp = "log"
         assert_eq!(locate("", 5), ((1, 1), String::new()));
     }
 
+    /// packaging/vsnd.example.toml: all commented out it changes nothing;
+    /// uncommented it names every key once and parses.
+    #[test]
+    fn the_example_file_has_every_key_and_parses() {
+        let example = include_str!("../../packaging/vsnd.example.toml");
+        assert_eq!(
+            parse(Path::new("vsnd.example.toml"), example).unwrap(),
+            FileConfig::default()
+        );
+        let settings: Vec<&str> = example
+            .lines()
+            .filter_map(|l| l.strip_prefix('#'))
+            .filter(|l| l.starts_with(|c: char| c.is_ascii_lowercase()))
+            .collect();
+        let keys: Vec<&str> = settings
+            .iter()
+            .filter_map(|l| l.split_once(" = ").map(|(k, _)| k))
+            .collect();
+        let mut want = known_keys();
+        want.sort();
+        let mut got: Vec<String> = keys.iter().map(|k| k.to_string()).collect();
+        got.sort();
+        assert_eq!(got, want, "keys of the example vs keys of the file format");
+        let uncommented = settings.join("\n");
+        parse(Path::new("vsnd.example.toml"), &uncommented).unwrap_or_else(|e| panic!("{e}"));
+    }
+
+    /// The keys a config file may have (from the error for an unknown one).
+    fn known_keys() -> Vec<String> {
+        let e = error("no-such-key = 1\n").message;
+        let (_, expected) = e.split_once("expected").unwrap();
+        expected
+            .split('`')
+            .skip(1)
+            .step_by(2)
+            .map(str::to_string)
+            .collect()
+    }
+
     /// Every option the user can see, except `--insecure-*`, `--config`,
     /// help and version, is a key of the file, so the two never drift.
     #[test]
     fn every_visible_option_is_a_config_key() {
-        let keys = {
-            // Reading an unknown key lists every known one.
-            let e = error("no-such-key = 1\n").message;
-            let (_, expected) = e.split_once("expected").unwrap();
-            expected
-                .split('`')
-                .skip(1)
-                .step_by(2)
-                .map(str::to_string)
-                .collect::<Vec<_>>()
-        };
+        let keys = known_keys();
         let cmd = Cli::command();
         let mut want = Vec::new();
         for arg in cmd.get_arguments() {

@@ -15,10 +15,13 @@ pub const EXIT_UNREACHABLE: u8 = 3;
 /// Exit status: the broker does not let this user in.
 pub const EXIT_DENIED: u8 = 4;
 
+/// Query and change vsnd-broker's output and input flags
+///
 /// Query and change vsnd-broker's enable flags (output: the guest's
-/// playback reaches the host; input: the host microphone reaches the guest).
+/// playback reaches the host; input: the host microphone reaches the guest)
+/// through its control socket.
 #[derive(Debug, Parser)]
-#[command(name = "vsnd-ctl", version, about)]
+#[command(name = "vsnd-ctl", version)]
 pub struct Cli {
     /// The broker's control socket (its --control-socket).
     #[arg(long, value_name = "PATH")]
