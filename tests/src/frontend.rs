@@ -1046,6 +1046,18 @@ impl Frontend {
             return Err(Error::Options("num_queues must not be 0".into()));
         }
         let stream = connect_with_retry(path, opts.connect_timeout)?;
+        Self::from_stream(stream, path, opts)
+    }
+
+    /// Like [`Frontend::connect`], on a stream that is already connected to
+    /// the backend at `path` (for callers that time the connect itself).
+    pub fn from_stream(stream: UnixStream, path: &Path, opts: FrontendOptions) -> Result<Self> {
+        if opts.queue_size == 0 {
+            return Err(Error::Options("queue_size must not be 0".into()));
+        }
+        if opts.num_queues == 0 {
+            return Err(Error::Options("num_queues must not be 0".into()));
+        }
         let mut vu = VuFrontend::from_stream(stream, opts.num_queues as u64);
 
         vu.set_owner().map_err(vu_err("SET_OWNER"))?;
@@ -1416,6 +1428,37 @@ impl Frontend {
     pub fn wait_used(&mut self, q: usize, timeout: Duration) -> Result<Option<Used>> {
         let (queue, mem) = self.queue_mut(q)?;
         queue.wait_used(mem, timeout)
+    }
+
+    /// Block until the call eventfd of any queue in `queues` fires or
+    /// `timeout` passes (nanosecond resolution), then count the
+    /// notifications. With EVENT_IDX it first asks for a notification on
+    /// each queue. Take the buffers with [`Frontend::poll_used`]; a call that
+    /// came before this wait is still pending, so nothing is missed.
+    pub fn wait_calls(&mut self, queues: &[usize], timeout: Duration) -> Result<()> {
+        for &q in queues {
+            let (queue, mem) = self.queue_mut(q)?;
+            queue.ring.arm_notification(mem)?;
+        }
+        {
+            let mut fds = Vec::with_capacity(queues.len());
+            for &q in queues {
+                let fd = self.queue(q)?.call.as_raw_fd();
+                // SAFETY: the eventfd is owned by `self.queues` and outlives
+                // this borrow, which ends with this block.
+                let fd = unsafe { BorrowedFd::borrow_raw(fd) };
+                fds.push(PollFd::new(fd, PollFlags::POLLIN));
+            }
+            let ts = nix::sys::time::TimeSpec::from_duration(timeout);
+            match nix::poll::ppoll(&mut fds, Some(ts), None) {
+                Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+                Err(e) => return Err(Error::Io(e.into())),
+            }
+        }
+        for &q in queues {
+            self.queue_mut(q)?.0.drain_call()?;
+        }
+        Ok(())
     }
 
     /// Send one control request on queue 0 with a `response_len`-byte
