@@ -47,6 +47,23 @@ fn next_notification(rx: &UnixDatagram, broker: &Broker, expect: &str) -> String
     }
 }
 
+/// `(fd, link target)` of every open descriptor of `pid`.
+fn open_fds(pid: &str) -> Vec<(i32, String)> {
+    let mut fds: Vec<(i32, String)> = fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| {
+            d.filter_map(|e| {
+                let e = e.ok()?;
+                let n = e.file_name().to_str()?.parse().ok()?;
+                let t = fs::read_link(e.path()).ok()?;
+                Some((n, t.to_string_lossy().into_owned()))
+            })
+            .collect()
+        })
+        .unwrap_or_default();
+    fds.sort();
+    fds
+}
+
 /// `socket:[inode]` of one of our descriptors, as /proc shows it.
 fn socket_id(pid: &str, fd: i32) -> String {
     fs::read_link(format!("/proc/{pid}/fd/{fd}"))
@@ -142,6 +159,24 @@ fn ready_is_sent_only_once_a_device_serves_the_listener() {
         "expected device {pid} to hold the listener as fd 3 when READY=1 arrives\n{}",
         broker.logs()
     );
+    // The broker's own fd 3 (the passed socket) and the device's fd 3/4
+    // did not collide: fd 4 is the broker channel, nothing else inherited.
+    let fds = open_fds(pid);
+    let channel = fds.iter().find(|(n, _)| *n == 4).map(|(_, t)| t.clone());
+    assert!(
+        channel
+            .as_deref()
+            .is_some_and(|t| t.starts_with("socket:") && *t != ours),
+        "expected fd 4 of the device to be its channel to the broker, got {fds:?}"
+    );
+    let strays: Vec<_> = fds
+        .iter()
+        .filter(|(n, t)| *n > 4 && !t.starts_with("anon_inode:"))
+        .collect();
+    assert!(
+        strays.is_empty(),
+        "expected no descriptors beyond 0-4 in the device, found {strays:?}"
+    );
     assert_served(&sock, &broker, "a VM connecting right after READY=1");
     // One READY only: a device started for the next VM gives a STATUS.
     rx.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
@@ -202,6 +237,20 @@ fn the_command_line_socket_wins_over_a_passed_one() {
     ));
     broker.wait_log("ignoring the 1 socket(s) passed by the service manager");
     support::wait_for_path(&own, &mut broker);
+    // The unused passed socket reaches no device: its fd 3 is --socket's.
+    let passed_id = socket_id("self", listener.as_raw_fd());
+    let device = broker.device_pid().to_string();
+    let fds = open_fds(&device);
+    assert!(
+        fds.iter().any(|(n, t)| *n == 3 && t.starts_with("socket:")),
+        "expected the device's fd 3 to be a socket, got {fds:?}\n{}",
+        broker.logs()
+    );
+    assert!(
+        !fds.iter().any(|(_, t)| *t == passed_id),
+        "expected the passed, unused socket {passed_id} not to reach the device, got {fds:?}\n{}",
+        broker.logs()
+    );
     assert_served(&own, &broker, "a VM on --socket");
 }
 
