@@ -169,7 +169,11 @@ fn settle(
         (Some(path), None) => Ok(ListenerSpec::Path(path.clone())),
         (None, Some(fd)) => Ok(ListenerSpec::Fd {
             fd,
-            what: format!("--socket-fd {fd}"),
+            what: if on_cli {
+                format!("--socket-fd {fd}")
+            } else {
+                format!("socket-fd = {fd} (config file)")
+            },
         }),
         (None, None) => Err(
             "no vhost-user socket: give --socket PATH or --socket-fd FD \
