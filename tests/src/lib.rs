@@ -12,6 +12,8 @@
 //! * [`fixture`] — a running broker in a private directory, PCM data, and
 //!   helpers that drive streams and transfers (shared by the integration
 //!   tests).
+//! * [`process`] — the real broker as a child process: its stderr line by
+//!   line, its exit status, descriptors handed over, signals.
 //! * [`alsa`] — ALSA without a sound card: a private configuration with
 //!   `type file` PCMs over `null` for the broker's ALSA backend.
 //! * [`bin_path`] — where the workspace binaries the tests run are.
@@ -21,6 +23,7 @@ pub mod ctl;
 pub mod fixture;
 pub mod frontend;
 pub mod pipewire;
+pub mod process;
 pub mod snd;
 
 use std::path::PathBuf;

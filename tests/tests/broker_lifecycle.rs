@@ -15,24 +15,23 @@
 
 use std::ffi::{OsStr, OsString};
 use std::fs;
-use std::io::{BufRead as _, BufReader, Read as _};
 use std::os::fd::{AsRawFd as _, RawFd};
 use std::os::unix::fs::FileTypeExt as _;
 use std::os::unix::net::{UnixDatagram, UnixListener, UnixStream};
-use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::process::Command;
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use vsnd_ipc::PROTOCOL_VERSION;
-use vsnd_tests::bin_path;
-use vsnd_tests::frontend::{Frontend, FrontendOptions};
-use vsnd_tests::snd;
+use vsnd_tests::fixture::TempDir;
+use vsnd_tests::frontend::Frontend;
+use vsnd_tests::process::{
+    self, broker_command, BrokerProcess as Broker, Log, Outcome, DEVICE_READY, DEVICE_STARTED,
+    RUST_LOG,
+};
 
 // ---------------------------------------------------------------------------
 // Parameters
@@ -52,45 +51,27 @@ const GONE_TIMEOUT: Duration = Duration::from_secs(5);
 /// (`MIN_BACKOFF` in broker/src/supervisor.rs).
 const FIRST_BACKOFF_MS: u64 = 100;
 
-/// Log level for the broker and, through it, the device: the tests read
-/// `info` lines, whatever the caller's RUST_LOG says.
-const RUST_LOG: &str = "info";
-
-/// What the broker logs when it has started a device.
-const DEVICE_STARTED: &str = "device started (pid ";
-/// What the real device logs when it is ready for a VM.
-const DEVICE_READY: &str = "waiting for a vhost-user frontend";
-
 // ---------------------------------------------------------------------------
 // Scratch directories
 // ---------------------------------------------------------------------------
 
 /// A private directory per test; removed on success, kept on failure.
-struct TestDir {
-    path: PathBuf,
-}
+struct TestDir(TempDir);
 
 impl TestDir {
     fn new(tag: &str) -> Self {
-        static N: AtomicUsize = AtomicUsize::new(0);
-        let n = N.fetch_add(1, Ordering::Relaxed);
-        let path =
-            std::env::temp_dir().join(format!("vsnd-lifecycle-{}-{n}-{tag}", std::process::id()));
-        let _ = fs::remove_dir_all(&path);
-        fs::create_dir_all(&path)
-            .unwrap_or_else(|e| panic!("cannot create {}: {e}", path.display()));
-        TestDir { path }
+        TestDir(TempDir::new(&format!("lifecycle-{tag}")))
     }
 
     fn join(&self, name: &str) -> PathBuf {
-        self.path.join(name)
+        self.0.path().join(name)
     }
 
     /// `vsnd-fake-device` made available as `<dir>/fake-<mode>` (for `spy`,
     /// in a subdirectory the device can write to even when the broker runs
     /// it as another user).
     fn fake_device(&self, mode: &str) -> PathBuf {
-        let mut dir = self.path.clone();
+        let mut dir = self.0.path().to_path_buf();
         if mode == "spy" {
             use std::os::unix::fs::PermissionsExt as _;
             dir.push("spy");
@@ -101,16 +82,6 @@ impl TestDir {
         std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_vsnd-fake-device"), &link)
             .unwrap_or_else(|e| panic!("cannot link the fake device as {}: {e}", link.display()));
         link
-    }
-}
-
-impl Drop for TestDir {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            eprintln!("test files kept in {}", self.path.display());
-        } else {
-            let _ = fs::remove_dir_all(&self.path);
-        }
     }
 }
 
@@ -125,207 +96,24 @@ fn spy_started(spy: &Path) -> Option<String> {
 // Spawning the broker
 // ---------------------------------------------------------------------------
 
-/// Most descriptors [`broker_command`] can hand over.
-const MAX_PASSED_FDS: usize = 4;
-
-/// A `vsnd-broker` command with `args`, `RUST_LOG` set, stdin from /dev/null,
-/// and each `(ours, theirs)` in `fds` open in the broker as descriptor
-/// `theirs` (not close-on-exec). `theirs` must be below 100.
-fn broker_command<S: AsRef<OsStr>>(
-    args: impl IntoIterator<Item = S>,
-    fds: &[(RawFd, RawFd)],
-) -> Command {
-    let mut cmd = Command::new(bin_path("vsnd-broker"));
-    cmd.args(args)
-        .env("RUST_LOG", RUST_LOG)
-        .stdin(Stdio::null());
-    assert!(
-        fds.len() <= MAX_PASSED_FDS,
-        "at most {MAX_PASSED_FDS} descriptors can be passed"
-    );
-    assert!(
-        fds.iter().all(|&(_, theirs)| (3..100).contains(&theirs)),
-        "target descriptors must be 3..100"
-    );
-    if !fds.is_empty() {
-        let fds = fds.to_vec();
-        // SAFETY: the closure runs in the forked child before exec; it only
-        // makes async-signal-safe calls (fcntl, dup2, close) on integers and
-        // does not allocate (the Vec was moved in before the fork).
-        unsafe {
-            cmd.pre_exec(move || {
-                // First move every source above 100 so that no target
-                // clobbers a source not yet placed, then place them; dup2
-                // leaves the target without FD_CLOEXEC.
-                let mut high = [-1; MAX_PASSED_FDS];
-                for (slot, &(ours, _)) in high.iter_mut().zip(&fds) {
-                    *slot = libc::fcntl(ours, libc::F_DUPFD_CLOEXEC, 100);
-                    if *slot < 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                }
-                for (&h, &(_, theirs)) in high.iter().zip(&fds) {
-                    if libc::dup2(h, theirs) < 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                    libc::close(h);
-                }
-                Ok(())
-            });
-        }
-    }
-    cmd
-}
-
-/// Lines of a process's stderr, each with the moment it arrived.
-#[derive(Clone, Default)]
-struct Log {
-    lines: Arc<Mutex<Vec<(Instant, String)>>>,
-}
-
-impl Log {
-    /// Collect `pipe` in a background thread until it closes.
-    fn collect(pipe: impl std::io::Read + Send + 'static) -> Log {
-        let log = Log::default();
-        let lines = Arc::clone(&log.lines);
-        std::thread::spawn(move || {
-            for line in BufReader::new(pipe).lines() {
-                let Ok(line) = line else { break };
-                lines
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .push((Instant::now(), line));
-            }
-        });
-        log
-    }
-
-    fn snapshot(&self) -> Vec<(Instant, String)> {
-        self.lines.lock().unwrap_or_else(|p| p.into_inner()).clone()
-    }
-
-    fn text(&self) -> String {
-        self.snapshot().into_iter().map(|(_, l)| l + "\n").collect()
-    }
-
-    fn count(&self, needle: &str) -> usize {
-        self.snapshot()
-            .iter()
-            .filter(|(_, l)| l.contains(needle))
-            .count()
-    }
-
-    /// Lines containing `needle`, with their arrival times.
-    fn matching(&self, needle: &str) -> Vec<(Instant, String)> {
-        self.snapshot()
-            .into_iter()
-            .filter(|(_, l)| l.contains(needle))
-            .collect()
-    }
-}
-
-/// A running broker, killed (by its pid) and reaped on drop.
-struct Broker {
-    child: Child,
-    log: Log,
-    exited: Option<ExitStatus>,
-}
-
-impl Broker {
-    /// Start a broker from `cmd` (see [`broker_command`]); its stderr is
-    /// collected, its stdout discarded.
-    fn spawn(mut cmd: Command) -> Broker {
-        let mut child = cmd
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start vsnd-broker: {e}"));
-        let log = Log::collect(child.stderr.take().expect("stderr is piped"));
-        Broker {
-            child,
-            log,
-            exited: None,
-        }
-    }
-
+/// The lifecycle tests' view of [`BrokerProcess`].
+trait LifecycleBroker {
     /// A broker on `socket` with the real device and `extra` arguments.
+    fn start(socket: &Path, extra: &[&str]) -> Self;
+    /// Wait until the `n`th real device is started and waits for a VM.
+    /// Fails at once if that device stops first (it will not get ready).
+    fn wait_device_ready(&mut self, n: usize) -> i32;
+}
+
+impl LifecycleBroker for Broker {
     fn start(socket: &Path, extra: &[&str]) -> Broker {
         let mut args: Vec<OsString> = vec!["--socket".into(), socket.into()];
         args.extend(extra.iter().map(OsString::from));
         Broker::spawn(broker_command(args, &[]))
     }
 
-    fn pid(&self) -> Pid {
-        Pid::from_raw(self.child.id() as i32)
-    }
-
-    /// The broker's stderr so far, for failure messages.
-    fn logs(&self) -> String {
-        format!(
-            "--- vsnd-broker stderr (pid {}) ---\n{}--- end ---",
-            self.child.id(),
-            self.log.text()
-        )
-    }
-
-    /// Wait until `needle` has appeared in at least `count` lines.
-    fn wait_log(&mut self, needle: &str, count: usize, timeout: Duration) {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let have = self.log.count(needle);
-            if have >= count {
-                return;
-            }
-            if let Some(status) = self.poll_exit() {
-                // The last lines may still be in the pipe.
-                sleep(Duration::from_millis(100));
-                if self.log.count(needle) >= count {
-                    return;
-                }
-                panic!(
-                    "expected {count} log line(s) containing {needle:?}, got {have} before the broker \
-                     exited ({status})\n{}",
-                    self.logs()
-                );
-            }
-            if Instant::now() >= deadline {
-                panic!(
-                    "expected {count} log line(s) containing {needle:?} within {timeout:?}, got {have}\n{}",
-                    self.logs()
-                );
-            }
-            sleep(Duration::from_millis(10));
-        }
-    }
-
-    /// Pids from the broker's "device started (pid N)" lines, in order.
-    fn device_pids(&self) -> Vec<i32> {
-        self.log
-            .matching(DEVICE_STARTED)
-            .iter()
-            .filter_map(|(_, l)| {
-                let rest = &l[l.find(DEVICE_STARTED)? + DEVICE_STARTED.len()..];
-                rest[..rest.find(')')?].parse().ok()
-            })
-            .collect()
-    }
-
-    /// Wait for the `n`th device (1-based) to be started and return its pid.
-    fn wait_device(&mut self, n: usize) -> i32 {
-        self.wait_log(DEVICE_STARTED, n, LOG_TIMEOUT);
-        let pids = self.device_pids();
-        *pids.get(n - 1).unwrap_or_else(|| {
-            panic!(
-                "could not read the pid of device #{n} from the broker's log\n{}",
-                self.logs()
-            )
-        })
-    }
-
-    /// Wait until the `n`th real device is started and waits for a VM.
-    /// Fails at once if that device stops first (it will not get ready).
     fn wait_device_ready(&mut self, n: usize) -> i32 {
-        let pid = self.wait_device(n);
+        let pid = self.wait_device(n, LOG_TIMEOUT);
         let deadline = Instant::now() + LOG_TIMEOUT;
         loop {
             let lines = self.log.snapshot();
@@ -361,103 +149,11 @@ impl Broker {
             sleep(Duration::from_millis(10));
         }
     }
-
-    fn signal(&self, sig: Signal) {
-        kill(self.pid(), sig)
-            .unwrap_or_else(|e| panic!("cannot send {sig} to the broker: {e}\n{}", self.logs()));
-    }
-
-    /// The exit status, if the broker has exited.
-    fn poll_exit(&mut self) -> Option<ExitStatus> {
-        if self.exited.is_none() {
-            self.exited = self.child.try_wait().ok().flatten();
-        }
-        self.exited
-    }
-
-    /// Wait for the broker to exit; panics (with its log) after `timeout`.
-    fn wait_exit(&mut self, timeout: Duration, what: &str) -> ExitStatus {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(s) = self.poll_exit() {
-                // Let the reader thread catch the last lines.
-                sleep(Duration::from_millis(50));
-                return s;
-            }
-            if Instant::now() >= deadline {
-                panic!("{what}: expected the broker to exit within {timeout:?}, it is still running\n{}", self.logs());
-            }
-            sleep(Duration::from_millis(10));
-        }
-    }
-
-    fn assert_running(&mut self, what: &str) {
-        if let Some(s) = self.poll_exit() {
-            panic!(
-                "{what}: expected the broker to keep running, it exited ({s})\n{}",
-                self.logs()
-            );
-        }
-    }
-}
-
-impl Drop for Broker {
-    fn drop(&mut self) {
-        if self.poll_exit().is_none() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-        if std::thread::panicking() {
-            eprintln!("{}", self.logs());
-        }
-    }
-}
-
-/// What a broker that was expected to exit on its own did.
-struct Outcome {
-    status: ExitStatus,
-    stdout: String,
-    stderr: String,
 }
 
 /// Run `cmd` to completion (killing it after [`EXIT_TIMEOUT`]).
-fn run_to_exit(mut cmd: Command, what: &str) -> Outcome {
-    let mut child = cmd
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("{what}: cannot start vsnd-broker: {e}"));
-    let mut out = child.stdout.take().expect("stdout is piped");
-    let stdout = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = out.read_to_string(&mut s);
-        s
-    });
-    let err = Log::collect(child.stderr.take().expect("stderr is piped"));
-    let deadline = Instant::now() + EXIT_TIMEOUT;
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap_or(None) {
-            break s;
-        }
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            sleep(Duration::from_millis(50));
-            panic!(
-                "{what}: expected vsnd-broker to exit at once, it was still running after {EXIT_TIMEOUT:?}\n\
-                 --- stderr ---\n{}",
-                err.text()
-            );
-        }
-        sleep(Duration::from_millis(5));
-    };
-    let stdout = stdout.join().unwrap_or_default();
-    sleep(Duration::from_millis(20));
-    Outcome {
-        status,
-        stdout,
-        stderr: err.text(),
-    }
+fn run_to_exit(cmd: Command, what: &str) -> Outcome {
+    process::run_to_exit(cmd, EXIT_TIMEOUT, what)
 }
 
 // ---------------------------------------------------------------------------
@@ -526,50 +222,7 @@ fn status_field(pid: i32, field: &str) -> String {
 /// Connect as a VM to `socket` and ask for PCM_INFO of every stream; panics
 /// (with the broker's log) unless every step works.
 fn assert_served(socket: &Path, broker: &Broker, what: &str) -> Frontend {
-    let mut fe = Frontend::connect(socket, FrontendOptions::default()).unwrap_or_else(|e| {
-        panic!(
-            "{what}: expected the VM to connect to {} and set up the device, got: {e}\n{}",
-            socket.display(),
-            broker.logs()
-        )
-    });
-    let config = snd::Config::parse(fe.config_bytes())
-        .unwrap_or_else(|e| panic!("{what}: unreadable device config: {e}\n{}", broker.logs()));
-    let n = config.streams;
-    assert!(
-        n >= 1,
-        "{what}: expected at least one PCM stream in the config, got {config:?}\n{}",
-        broker.logs()
-    );
-    let req = snd::query_info(snd::R_PCM_INFO, 0, n, snd::PCM_INFO_SIZE as u32);
-    let resp_len = (snd::HDR_SIZE + n as usize * snd::PCM_INFO_SIZE) as u32;
-    let resp = fe.control(&req, resp_len).unwrap_or_else(|e| {
-        panic!(
-            "{what}: expected an answer to PCM_INFO, got: {e}\n{}",
-            broker.logs()
-        )
-    });
-    let (status, items) = snd::split_info(&resp, snd::PCM_INFO_SIZE).unwrap_or_else(|e| {
-        panic!(
-            "{what}: malformed PCM_INFO answer {resp:02x?}: {e}\n{}",
-            broker.logs()
-        )
-    });
-    assert_eq!(
-        status,
-        snd::S_OK,
-        "{what}: expected PCM_INFO to answer S_OK, got {status:#x} ({})\n{}",
-        snd::status_name(status),
-        broker.logs()
-    );
-    assert_eq!(
-        items.len(),
-        n as usize,
-        "{what}: expected {n} PCM_INFO items, got {}\n{}",
-        items.len(),
-        broker.logs()
-    );
-    fe
+    process::assert_served(socket, &|| broker.logs(), what)
 }
 
 fn is_socket(p: &Path) -> bool {
@@ -1167,7 +820,7 @@ fn device_inherits_only_its_two_sockets_a_clean_environment_and_no_blocked_signa
     let device = broker.wait_device_ready(1);
 
     // Precondition: the broker itself did get the leaked descriptor.
-    let broker_fds = open_fds(broker.pid().as_raw());
+    let broker_fds = open_fds(broker.pid());
     let leaked_target = leaked_path.to_string_lossy().into_owned();
     assert!(
         broker_fds
@@ -1267,7 +920,7 @@ fn device_of_another_protocol_version_stops_the_broker_with_advice() {
     let sock = dir.join("vm.sock");
     let fake = dir.fake_device("version-999");
     let mut broker = Broker::start(&sock, &["--device-path", fake.to_str().unwrap()]);
-    let device = broker.wait_device(1);
+    let device = broker.wait_device(1, LOG_TIMEOUT);
     let status = broker.wait_exit(STOP_TIMEOUT, "a device of protocol version 999");
     let logs = broker.logs();
     assert_eq!(
@@ -1316,7 +969,7 @@ fn device_sending_garbage_is_killed_and_replaced() {
     let sock = dir.join("vm.sock");
     let fake = dir.fake_device("garbage");
     let mut broker = Broker::start(&sock, &["--device-path", fake.to_str().unwrap()]);
-    broker.wait_device(3);
+    broker.wait_device(3, LOG_TIMEOUT);
     let logs = broker.logs();
     assert!(
         broker.log.count("protocol violation") >= 2,

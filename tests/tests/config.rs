@@ -75,7 +75,7 @@ fn the_broker_runs_from_a_config_file() {
         "expected the log to name the config file\n{}",
         broker.logs()
     );
-    broker.stop("SIGTERM");
+    broker.stop(support::WAIT, "SIGTERM");
     assert!(
         fs::symlink_metadata(&sock).is_err() && fs::symlink_metadata(&ctl).is_err(),
         "expected both sockets from the file to be removed at exit"

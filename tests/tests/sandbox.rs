@@ -25,19 +25,19 @@
 
 use std::ffi::{CString, OsStr, OsString};
 use std::fs;
-use std::io::{self, BufRead as _, BufReader};
+use std::io;
 use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
 use std::os::unix::net::UnixListener;
 use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
 use vsnd_tests::bin_path;
+use vsnd_tests::fixture::TempDir;
 use vsnd_tests::frontend::{Frontend, FrontendOptions};
+use vsnd_tests::process::{broker_command, BrokerProcess as Broker, DEVICE_READY, DEVICE_STARTED};
 
 // ---------------------------------------------------------------------------
 // Parameters
@@ -45,15 +45,9 @@ use vsnd_tests::frontend::{Frontend, FrontendOptions};
 
 /// How long to wait for a log line that should come promptly.
 const LOG_TIMEOUT: Duration = Duration::from_secs(10);
-/// Log level of the broker and, through it, the device.
-const RUST_LOG: &str = "info";
 /// The user the root broker runs the device as (`--device-user` default).
 const DEVICE_USER: &str = "nobody";
 
-/// The broker's line when it starts a device.
-const DEVICE_STARTED: &str = "device started (pid ";
-/// The real device's line when it waits for a VM.
-const DEVICE_READY: &str = "waiting for a vhost-user frontend";
 /// The real device's line once a VM is connected (after which it lowers
 /// RLIMIT_NPROC to 0).
 const FRONTEND_CONNECTED: &str = "frontend connected";
@@ -86,26 +80,18 @@ const PROBE_VICTIM_PID_FILE: &str = "victim.pid";
 /// A private, world-writable directory per test (so that plain file
 /// permissions never stop a `nobody` process: whatever stops it is the
 /// sandbox); removed on success, kept on failure.
-struct TestDir {
-    path: PathBuf,
-}
+struct TestDir(TempDir);
 
 impl TestDir {
     fn new(tag: &str) -> Self {
-        static N: AtomicUsize = AtomicUsize::new(0);
-        let n = N.fetch_add(1, Ordering::Relaxed);
-        let path =
-            std::env::temp_dir().join(format!("vsnd-sandbox-{}-{n}-{tag}", std::process::id()));
-        let _ = fs::remove_dir_all(&path);
-        fs::create_dir_all(&path)
-            .unwrap_or_else(|e| panic!("cannot create {}: {e}", path.display()));
-        fs::set_permissions(&path, fs::Permissions::from_mode(0o777))
-            .unwrap_or_else(|e| panic!("cannot chmod {}: {e}", path.display()));
-        TestDir { path }
+        let dir = TempDir::new(&format!("sandbox-{tag}"));
+        fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o777))
+            .unwrap_or_else(|e| panic!("cannot chmod {}: {e}", dir.path().display()));
+        TestDir(dir)
     }
 
     fn join(&self, name: &str) -> PathBuf {
-        self.path.join(name)
+        self.0.path().join(name)
     }
 
     /// The probe made available as `<dir>/probe-<action>`.
@@ -114,16 +100,6 @@ impl TestDir {
         std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_vsnd-sandbox-probe"), &link)
             .unwrap_or_else(|e| panic!("cannot link the probe as {}: {e}", link.display()));
         link
-    }
-}
-
-impl Drop for TestDir {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            eprintln!("test files kept in {}", self.path.display());
-        } else {
-            let _ = fs::remove_dir_all(&self.path);
-        }
     }
 }
 
@@ -295,124 +271,34 @@ fn errno_of(r: &io::Result<()>) -> Option<i32> {
 // The broker
 // ---------------------------------------------------------------------------
 
-/// Lines of the broker's stderr (the device's relayed lines included).
-#[derive(Clone, Default)]
-struct Log {
-    lines: Arc<Mutex<Vec<String>>>,
+/// The sandbox tests' view of [`BrokerProcess`].
+trait SandboxBroker {
+    /// `vsnd-broker --socket <socket> --backend null <extra>`, optionally
+    /// as `user`.
+    fn start(socket: &Path, extra: &[&OsStr], user: Option<(u32, u32)>) -> Self;
+    /// The first real device, once it waits for a VM.
+    fn ready_device(&mut self) -> i32;
 }
 
-impl Log {
-    fn collect(pipe: impl io::Read + Send + 'static) -> Log {
-        let log = Log::default();
-        let lines = Arc::clone(&log.lines);
-        std::thread::spawn(move || {
-            for line in BufReader::new(pipe).lines() {
-                let Ok(line) = line else { break };
-                lines.lock().unwrap_or_else(|p| p.into_inner()).push(line);
-            }
-        });
-        log
-    }
-
-    fn lines(&self) -> Vec<String> {
-        self.lines.lock().unwrap_or_else(|p| p.into_inner()).clone()
-    }
-
-    fn count(&self, needle: &str) -> usize {
-        self.lines().iter().filter(|l| l.contains(needle)).count()
-    }
-}
-
-/// A running broker, killed and reaped on drop (its device dies with it:
-/// parent-death signal); its log is printed when the test fails.
-struct Broker {
-    child: Child,
-    log: Log,
-}
-
-impl Broker {
-    /// `vsnd-broker --socket <socket> --backend null <extra>`, optionally as
-    /// `user`.
+impl SandboxBroker for Broker {
     fn start(socket: &Path, extra: &[&OsStr], user: Option<(u32, u32)>) -> Broker {
-        let mut cmd = Command::new(bin_path("vsnd-broker"));
-        cmd.arg("--socket")
-            .arg(socket)
-            .args(["--backend", "null"])
-            .args(extra)
-            .env("RUST_LOG", RUST_LOG)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
+        let mut args: Vec<&OsStr> = vec![
+            OsStr::new("--socket"),
+            socket.as_os_str(),
+            OsStr::new("--backend"),
+            OsStr::new("null"),
+        ];
+        args.extend_from_slice(extra);
+        let mut cmd = broker_command(args, &[]);
         if let Some(u) = user {
             run_as(&mut cmd, u);
         }
-        let mut child = cmd
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start vsnd-broker: {e}"));
-        let log = Log::collect(child.stderr.take().expect("stderr is piped"));
-        Broker { child, log }
+        Broker::spawn(cmd)
     }
 
-    fn pid(&self) -> i32 {
-        self.child.id() as i32
-    }
-
-    fn logs(&self) -> String {
-        let mut out = format!("--- vsnd-broker stderr (pid {}) ---\n", self.child.id());
-        for l in self.log.lines() {
-            out.push_str(&l);
-            out.push('\n');
-        }
-        out.push_str("--- end ---");
-        out
-    }
-
-    /// Wait until `needle` appears in at least `count` lines.
-    fn wait_log(&mut self, needle: &str, count: usize) {
-        let deadline = Instant::now() + LOG_TIMEOUT;
-        loop {
-            let have = self.log.count(needle);
-            if have >= count {
-                return;
-            }
-            if let Ok(Some(status)) = self.child.try_wait() {
-                sleep(Duration::from_millis(100));
-                if self.log.count(needle) >= count {
-                    return;
-                }
-                panic!(
-                    "expected {count} log line(s) containing {needle:?}, got {have} before the broker \
-                     exited ({status})\n{}",
-                    self.logs()
-                );
-            }
-            assert!(
-                Instant::now() < deadline,
-                "expected {count} log line(s) containing {needle:?} within {LOG_TIMEOUT:?}, got {have}\n{}",
-                self.logs()
-            );
-            sleep(Duration::from_millis(10));
-        }
-    }
-
-    /// Pid of the `n`th device (1-based), waiting for it to be started.
-    fn device_pid(&mut self, n: usize) -> i32 {
-        self.wait_log(DEVICE_STARTED, n);
-        self.log
-            .lines()
-            .iter()
-            .filter_map(|l| {
-                let rest = &l[l.find(DEVICE_STARTED)? + DEVICE_STARTED.len()..];
-                rest[..rest.find(')')?].parse().ok()
-            })
-            .nth(n - 1)
-            .unwrap_or_else(|| panic!("cannot read the pid of device #{n}\n{}", self.logs()))
-    }
-
-    /// The first real device, once it waits for a VM.
     fn ready_device(&mut self) -> i32 {
-        let pid = self.device_pid(1);
-        self.wait_log(DEVICE_READY, 1);
+        let pid = self.wait_device(1, LOG_TIMEOUT);
+        self.wait_log(DEVICE_READY, 1, LOG_TIMEOUT);
         assert!(
             self.device_lines(pid)
                 .iter()
@@ -421,38 +307,6 @@ impl Broker {
             self.logs()
         );
         pid
-    }
-
-    /// The relayed lines of device `pid`, without the `vsnd-device[PID]: `
-    /// prefix.
-    fn device_lines(&self, pid: i32) -> Vec<String> {
-        let prefix = format!("vsnd-device[{pid}]: ");
-        self.log
-            .lines()
-            .iter()
-            .filter_map(|l| l.strip_prefix(&prefix).map(str::to_owned))
-            .collect()
-    }
-
-    /// The broker's own lines (not relayed from a device).
-    fn own_lines(&self) -> Vec<String> {
-        self.log
-            .lines()
-            .into_iter()
-            .filter(|l| !l.starts_with("vsnd-device["))
-            .collect()
-    }
-}
-
-impl Drop for Broker {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        if std::thread::panicking() {
-            // Let the reader catch the last lines.
-            sleep(Duration::from_millis(50));
-            eprintln!("{}", self.logs());
-        }
     }
 }
 
@@ -591,10 +445,10 @@ impl ProbeRun {
             ],
             broker_user,
         );
-        let pid = broker.device_pid(1);
+        let pid = broker.wait_device(1, LOG_TIMEOUT);
         // The broker starts the next device only once the first has ended
         // (and its log is drained).
-        broker.device_pid(2);
+        broker.wait_device(2, LOG_TIMEOUT);
         let lines = broker.device_lines(pid);
         let all = broker.log.lines();
         let first = all
@@ -1207,7 +1061,7 @@ fn real_device_is_confined_before_and_after_a_vm_connects() {
 
     let fe = Frontend::connect(&socket, FrontendOptions::default())
         .unwrap_or_else(|e| panic!("cannot connect a VM: {e}\n{}", broker.logs()));
-    broker.wait_log(FRONTEND_CONNECTED, 1);
+    broker.wait_log(FRONTEND_CONNECTED, 1, LOG_TIMEOUT);
     // forbid_new_tasks() follows the "frontend connected" line.
     let deadline = Instant::now() + LOG_TIMEOUT;
     while limit(pid, "Max processes") != ("0".into(), "0".into()) && Instant::now() < deadline {

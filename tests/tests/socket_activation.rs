@@ -90,14 +90,14 @@ fn a_passed_socket_is_served_the_device_sees_no_manager_variables_and_it_stays()
         "expected READY=1 and a STATUS line, got {ready:?}\n{}",
         broker.logs()
     );
-    let line = broker.wait_log("listening on inherited socket fd 3");
+    let line = broker.wait_log("listening on inherited socket fd 3", 1, support::WAIT);
     assert!(
         line.contains("LISTEN_FDS") && line.contains("vm1.sock"),
         "expected the log to say the socket came from the service manager, got {line:?}"
     );
     assert_served(&sock, &broker, "a VM connecting to the passed socket");
 
-    let device = broker.device_pid();
+    let device = broker.wait_device(1, support::WAIT);
     let env = environ(device);
     for var in MANAGER_VARS {
         assert!(
@@ -107,7 +107,7 @@ fn a_passed_socket_is_served_the_device_sees_no_manager_variables_and_it_stays()
         );
     }
 
-    broker.stop("SIGTERM with a passed socket");
+    broker.stop(support::WAIT, "SIGTERM with a passed socket");
     // A device started for the next VM may have sent a STATUS first.
     let mut stopping = next_notification(&rx, &broker, "STOPPING=1");
     for _ in 0..4 {
@@ -218,7 +218,7 @@ fn listen_pid_of_another_process_is_ignored() {
         "1",
         Some(1),
     ));
-    broker.wait_log("LISTEN_PID=1 is not this process");
+    broker.wait_log("LISTEN_PID=1 is not this process", 1, support::WAIT);
     support::wait_for_path(&own, &mut broker);
     assert_served(&own, &broker, "a VM on --socket");
 }
@@ -235,11 +235,15 @@ fn the_command_line_socket_wins_over_a_passed_one() {
         "1",
         None,
     ));
-    broker.wait_log("ignoring the 1 socket(s) passed by the service manager");
+    broker.wait_log(
+        "ignoring the 1 socket(s) passed by the service manager",
+        1,
+        support::WAIT,
+    );
     support::wait_for_path(&own, &mut broker);
     // The unused passed socket reaches no device: its fd 3 is --socket's.
     let passed_id = socket_id("self", listener.as_raw_fd());
-    let device = broker.device_pid().to_string();
+    let device = broker.wait_device(1, support::WAIT).to_string();
     let fds = open_fds(&device);
     assert!(
         fds.iter().any(|(n, t)| *n == 3 && t.starts_with("socket:")),
