@@ -355,6 +355,30 @@ impl Drop for BrokerProcess {
     }
 }
 
+/// `(fd number, link target)` of every open descriptor of `pid`, sorted.
+///
+/// # Panics
+/// When `/proc/<pid>/fd` cannot be listed.
+pub fn open_fds(pid: i32) -> Vec<(i32, String)> {
+    let dir = format!("/proc/{pid}/fd");
+    let mut fds: Vec<(i32, String)> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("cannot list {dir}: {e}"))
+        .filter_map(|e| {
+            let e = e.ok()?;
+            let n = e.file_name().to_str()?.parse().ok()?;
+            let target = std::fs::read_link(e.path()).ok()?;
+            Some((n, target.to_string_lossy().into_owned()))
+        })
+        .collect();
+    fds.sort();
+    fds
+}
+
+/// [`open_fds`] for a failure message, one per line.
+pub fn show_fds(fds: &[(i32, String)]) -> String {
+    fds.iter().map(|(n, t)| format!("  {n} -> {t}\n")).collect()
+}
+
 /// What a broker that was expected to exit on its own did.
 #[derive(Debug)]
 pub struct Outcome {

@@ -29,8 +29,8 @@ use vsnd_ipc::PROTOCOL_VERSION;
 use vsnd_tests::fixture::TempDir;
 use vsnd_tests::frontend::Frontend;
 use vsnd_tests::process::{
-    self, broker_command, BrokerProcess as Broker, Log, Outcome, DEVICE_READY, DEVICE_STARTED,
-    RUST_LOG,
+    self, broker_command, open_fds, show_fds, BrokerProcess as Broker, Log, Outcome, DEVICE_READY,
+    DEVICE_STARTED, RUST_LOG,
 };
 
 // ---------------------------------------------------------------------------
@@ -180,26 +180,6 @@ fn wait_gone(pid: i32, what: &str, logs: &dyn Fn() -> String) {
         }
         sleep(Duration::from_millis(10));
     }
-}
-
-/// `(fd number, link target)` of every open descriptor of `pid`.
-fn open_fds(pid: i32) -> Vec<(i32, String)> {
-    let dir = format!("/proc/{pid}/fd");
-    let mut fds: Vec<(i32, String)> = fs::read_dir(&dir)
-        .unwrap_or_else(|e| panic!("cannot list {dir}: {e}"))
-        .filter_map(|e| {
-            let e = e.ok()?;
-            let n = e.file_name().to_str()?.parse().ok()?;
-            let target = fs::read_link(e.path()).ok()?;
-            Some((n, target.to_string_lossy().into_owned()))
-        })
-        .collect();
-    fds.sort();
-    fds
-}
-
-fn show_fds(fds: &[(i32, String)]) -> String {
-    fds.iter().map(|(n, t)| format!("  {n} -> {t}\n")).collect()
 }
 
 /// A field of `/proc/<pid>/status`, e.g. `SigBlk`.

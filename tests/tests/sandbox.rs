@@ -37,7 +37,9 @@ use std::time::{Duration, Instant};
 use vsnd_tests::bin_path;
 use vsnd_tests::fixture::TempDir;
 use vsnd_tests::frontend::{Frontend, FrontendOptions};
-use vsnd_tests::process::{broker_command, BrokerProcess as Broker, DEVICE_READY, DEVICE_STARTED};
+use vsnd_tests::process::{
+    broker_command, open_fds, show_fds, BrokerProcess as Broker, DEVICE_READY, DEVICE_STARTED,
+};
 
 // ---------------------------------------------------------------------------
 // Parameters
@@ -329,26 +331,6 @@ fn status_field_of(status_path: &str, name: &str) -> String {
 
 fn status_field(pid: i32, name: &str) -> String {
     status_field_of(&format!("/proc/{pid}/status"), name)
-}
-
-/// `(fd, link target)` of every open descriptor of `pid`.
-fn open_fds(pid: i32) -> Vec<(i32, String)> {
-    let dir = format!("/proc/{pid}/fd");
-    let mut fds: Vec<(i32, String)> = fs::read_dir(&dir)
-        .unwrap_or_else(|e| panic!("cannot list {dir}: {e}"))
-        .filter_map(|e| {
-            let e = e.ok()?;
-            let n = e.file_name().to_str()?.parse().ok()?;
-            let t = fs::read_link(e.path()).ok()?;
-            Some((n, t.to_string_lossy().into_owned()))
-        })
-        .collect();
-    fds.sort();
-    fds
-}
-
-fn show_fds(fds: &[(i32, String)]) -> String {
-    fds.iter().map(|(n, t)| format!("  {n} -> {t}\n")).collect()
 }
 
 /// `(soft, hard)` of a `/proc/<pid>/limits` row such as `Max open files`.

@@ -21,6 +21,7 @@ use support::{
     activated_command, assert_served, broker_command, environ, run_to_exit, Broker, WAIT,
 };
 use vsnd_tests::fixture::TempDir;
+use vsnd_tests::process::open_fds;
 
 /// Variables a service manager sets that the device must never see.
 const MANAGER_VARS: [&str; 4] = [
@@ -45,23 +46,6 @@ fn next_notification(rx: &UnixDatagram, broker: &Broker, expect: &str) -> String
             broker.logs()
         ),
     }
-}
-
-/// `(fd, link target)` of every open descriptor of `pid`.
-fn open_fds(pid: &str) -> Vec<(i32, String)> {
-    let mut fds: Vec<(i32, String)> = fs::read_dir(format!("/proc/{pid}/fd"))
-        .map(|d| {
-            d.filter_map(|e| {
-                let e = e.ok()?;
-                let n = e.file_name().to_str()?.parse().ok()?;
-                let t = fs::read_link(e.path()).ok()?;
-                Some((n, t.to_string_lossy().into_owned()))
-            })
-            .collect()
-        })
-        .unwrap_or_default();
-    fds.sort();
-    fds
 }
 
 /// `socket:[inode]` of one of our descriptors, as /proc shows it.
@@ -161,7 +145,7 @@ fn ready_is_sent_only_once_a_device_serves_the_listener() {
     );
     // The broker's own fd 3 (the passed socket) and the device's fd 3/4
     // did not collide: fd 4 is the broker channel, nothing else inherited.
-    let fds = open_fds(pid);
+    let fds = open_fds(pid.parse().expect("a pid"));
     let channel = fds.iter().find(|(n, _)| *n == 4).map(|(_, t)| t.clone());
     assert!(
         channel
@@ -244,7 +228,7 @@ fn the_command_line_socket_wins_over_a_passed_one() {
     // The unused passed socket reaches no device: its fd 3 is --socket's.
     let passed_id = socket_id("self", listener.as_raw_fd());
     let device = broker.wait_device(1, support::WAIT).to_string();
-    let fds = open_fds(&device);
+    let fds = open_fds(device.parse().expect("a pid"));
     assert!(
         fds.iter().any(|(n, t)| *n == 3 && t.starts_with("socket:")),
         "expected the device's fd 3 to be a socket, got {fds:?}\n{}",
