@@ -152,34 +152,50 @@ impl SndBackend {
     /// Process a kicked queue, honouring EVENT_IDX: after re-enabling
     /// notifications, re-check for buffers that arrived meanwhile, so no
     /// queue is ever left with unseen buffers.
+    ///
+    /// A ring the device cannot pop from although its index says buffers
+    /// are waiting (an available index more than a queue ahead, a ring
+    /// outside guest memory) would make that re-check true forever: after
+    /// two rounds in a row that popped nothing, the device waits for the
+    /// next kick instead of spinning.
     fn process_queue(&mut self, q: u16, vrings: &[VringRwLock]) {
         let Some(vring) = vrings.get(usize::from(q)) else {
             return;
         };
+        let mut idle_rounds = 0u8;
         loop {
             if self.event_idx {
                 let _ = vring.disable_notification();
             }
-            self.drain_queue(q, vrings);
+            if self.drain_queue(q, vrings) == 0 {
+                idle_rounds = idle_rounds.saturating_add(1);
+            } else {
+                idle_rounds = 0;
+            }
             if !self.event_idx {
                 break;
             }
             match vring.enable_notification() {
-                Ok(true) => continue,
+                Ok(true) if idle_rounds < 2 => continue,
+                Ok(true) => {
+                    debug!("queue {q}: the available ring cannot be used; waiting for a kick");
+                    break;
+                }
                 _ => break,
             }
         }
     }
 
-    /// Pop every available chain of queue `q`.
-    fn drain_queue(&mut self, q: u16, vrings: &[VringRwLock]) {
+    /// Pop every available chain of queue `q`; returns how many.
+    fn drain_queue(&mut self, q: u16, vrings: &[VringRwLock]) -> usize {
         let Some(vring) = vrings.get(usize::from(q)) else {
-            return;
+            return 0;
         };
         let Some(atomic) = self.mem.clone() else {
-            return;
+            return 0;
         };
         let mem = atomic.memory();
+        let mut count = 0usize;
         loop {
             let popped = vring
                 .get_mut()
@@ -187,7 +203,8 @@ impl SndBackend {
                 .iter(&*mem)
                 .ok()
                 .and_then(|mut it| it.next());
-            let Some(chain) = popped else { break };
+            let Some(chain) = popped else { break count };
+            count = count.saturating_add(1);
             let head = chain.head_index();
             let parts = match split_chain(chain) {
                 Ok(c) => c,
@@ -674,5 +691,69 @@ impl VhostUserBackendMut for SndBackend {
         self.signal_all(vrings);
         // Never an error: an error would end the worker thread.
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::mpsc;
+    use std::time::Duration;
+    use vm_memory::{Bytes, GuestAddress};
+
+    /// A backend on 64 KiB of guest memory with its four queues (16
+    /// entries) at 0x0, 0x400, 0x800, 0xc00 and EVENT_IDX negotiated; the
+    /// broker end of the channel is returned so the device never sees it
+    /// gone.
+    fn backend() -> (SndBackend, Vec<VringRwLock>, GuestMemoryMmap, Channel) {
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x1_0000)]).unwrap();
+        let atomic = GuestMemoryAtomic::new(mem.clone());
+        let gate = GateState {
+            output: true,
+            input: false,
+        };
+        let caps = vsnd_ipc::Capabilities {
+            formats: vec![vsnd_ipc::SampleFormat::S16],
+            rates: vec![48_000],
+            channels_min: 1,
+            channels_max: 2,
+        };
+        let (dev, broker) = vsnd_ipc::socketpair().unwrap();
+        let mut b = SndBackend::new(SndModel::new(&caps, gate), gate, Channel::new(dev)).unwrap();
+        b.set_event_idx(true);
+        b.update_memory(atomic.clone()).unwrap();
+        let vrings = (0..NUM_QUEUES as u64)
+            .map(|q| {
+                let v = VringRwLock::new(atomic.clone(), 16).unwrap();
+                v.set_queue_size(16);
+                v.set_queue_info(q * 0x400, q * 0x400 + 0x100, q * 0x400 + 0x200)
+                    .unwrap();
+                v.set_queue_event_idx(true);
+                v.set_queue_ready(true);
+                v.set_enabled(true);
+                v
+            })
+            .collect();
+        (b, vrings, mem, Channel::new(broker))
+    }
+
+    /// Found by the `transfer` fuzz target: an available index more than a
+    /// queue's size ahead (the guest published 17 buffers on a 16-entry
+    /// queue) cannot be popped, yet re-enabling notifications reports
+    /// buffers waiting; the worker spun on it forever.
+    #[test]
+    fn an_impossible_available_index_does_not_hang_the_worker() {
+        let (mut b, vrings, mem, _broker) = backend();
+        mem.write_obj(17u16, GuestAddress(0x100 + 2)).unwrap();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            b.handle_event(CONTROL_QUEUE, EventSet::IN, &vrings, 0)
+                .unwrap();
+            tx.send(()).unwrap();
+        });
+        assert!(
+            rx.recv_timeout(Duration::from_secs(10)).is_ok(),
+            "the control queue kick did not return within 10 s (the worker spins)"
+        );
     }
 }
