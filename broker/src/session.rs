@@ -30,6 +30,14 @@ const MAX_BATCH: usize = 512;
 /// considered stuck (over a second of the largest stream vsnd carries).
 const MAX_OUTBOX_BYTES: usize = 8 * 1024 * 1024;
 
+/// Most playback chunks queued for the output stream: full chunks up to
+/// [`MAX_QUEUED_PLAYBACK_BYTES`], plus one short chunk for each buffer a
+/// virtqueue can have in flight (the bound on capture requests). The byte
+/// limit alone does not bound memory: a device sending empty or one-byte
+/// chunks would queue millions of them.
+const MAX_QUEUED_PLAYBACK_CHUNKS: usize =
+    MAX_QUEUED_PLAYBACK_BYTES / MAX_PCM_CHUNK + MAX_PENDING_CAPTURE;
+
 /// Why a session ended.
 #[derive(Debug, thiserror::Error)]
 pub enum SessionError {
@@ -440,6 +448,11 @@ impl Session {
         }
         if data.len() > MAX_PCM_CHUNK {
             return violation("playback chunk too large");
+        }
+        if pb.queue.len() >= MAX_QUEUED_PLAYBACK_CHUNKS {
+            return violation(format!(
+                "more than {MAX_QUEUED_PLAYBACK_CHUNKS} playback chunks queued"
+            ));
         }
         if let Some(open) = pb.open_buffer {
             if open != buffer {
@@ -1150,6 +1163,34 @@ mod tests {
                 "{name}: expected a protocol violation, got {result:?}"
             );
         }
+    }
+
+    #[test]
+    fn too_many_playback_chunks_is_a_violation() {
+        // Empty chunks add no bytes; only their number can bound them.
+        let mut r = Rig::new(GateState {
+            output: true,
+            input: false,
+        });
+        r.stream(Direction::Output);
+        for _ in 0..MAX_QUEUED_PLAYBACK_CHUNKS {
+            r.send(DeviceMsg::Playback {
+                buffer: 0,
+                last: false,
+                data: Vec::new(),
+            })
+            .unwrap();
+        }
+        let res = r.send(DeviceMsg::Playback {
+            buffer: 0,
+            last: false,
+            data: Vec::new(),
+        });
+        assert!(
+            matches!(res, Err(SessionError::Violation(_))),
+            "chunk {} of an endless empty buffer: got {res:?}",
+            MAX_QUEUED_PLAYBACK_CHUNKS + 1
+        );
     }
 
     #[test]
