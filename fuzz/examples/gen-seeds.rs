@@ -265,6 +265,20 @@ fn ipc_decode(dir: &Path) {
     }));
     write(dir, "capture-gate", &v);
 
+    // A device flooding the broker with empty chunks and capture requests.
+    let mut v = vec![ipc::H_HELLO];
+    v.extend(stream(Direction::Output));
+    v.extend(frame(DeviceMsg::Playback {
+        buffer: 0,
+        last: false,
+        data: Vec::new(),
+    }));
+    v.extend(ipc::repeat(2000));
+    v.extend(stream(Direction::Input));
+    v.extend(frame(DeviceMsg::Capture { buffer: 1, len: 4 }));
+    v.extend(ipc::repeat(1100));
+    write(dir, "flood", &v);
+
     // Protocol violations the rogue-device tests send.
     let mut v = vec![ipc::H_HELLO];
     v.extend(frame(DeviceMsg::Capture { buffer: 0, len: 4 }));

@@ -1,7 +1,8 @@
 //! The broker's side of the device channel: `vsnd_ipc::decode` of every
 //! frame with the production limits, then the same frames sent over a real
 //! SEQPACKET socketpair into a real `vsnd_broker::session::Session`,
-//! interleaved with clock ticks and gate changes. This is what a fully
+//! interleaved with clock ticks, gate changes and floods of repeated
+//! frames. This is what a fully
 //! compromised vsnd-device can do to the broker.
 //!
 //! Input: see `vsnd_fuzz::ipc_decode`.
@@ -106,11 +107,13 @@ fuzz_target!(|data: &[u8]| {
             .unwrap();
         session.on_readable(&mut audio, now).unwrap();
     }
+    let mut last: &[u8] = &[];
     while !r.is_empty() {
         let res = match r.u8() % TAGS {
             T_FRAME => {
                 let len = usize::from(r.u16());
                 let frame = r.bytes(len);
+                last = frame;
                 if let Ok(msg) = codec::decode::<DeviceMsg>(frame) {
                     let again = codec::encode(&msg).expect("a decoded message re-encodes");
                     assert_eq!(codec::decode::<DeviceMsg>(&again).unwrap(), msg);
@@ -139,6 +142,25 @@ fuzz_target!(|data: &[u8]| {
                     now = t;
                 }
                 session.on_tick(&mut audio, now)
+            }
+            T_REPEAT => {
+                let mut res = Ok(());
+                for i in 0..r.u16() % 4096 {
+                    match device.send_frame(last) {
+                        Ok(()) => {}
+                        Err(ChannelError::WouldBlock) => break,
+                        Err(e) => panic!("cannot send to the session: {e}"),
+                    }
+                    // The broker's loop reads whenever the socket fills.
+                    if i % 64 == 63 {
+                        res = session.on_readable(&mut audio, now);
+                        drain(&mut device);
+                        if res.is_err() {
+                            break;
+                        }
+                    }
+                }
+                res.and_then(|()| session.on_readable(&mut audio, now))
             }
             _ => session.on_writable(),
         };

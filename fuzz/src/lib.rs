@@ -284,8 +284,11 @@ pub mod ipc_decode {
     pub const T_JUMP: u8 = 3;
     /// `[T_WRITABLE]`: the channel polled writable.
     pub const T_WRITABLE: u8 = 4;
+    /// `[T_REPEAT, n u16]`: the device floods: the last frame again
+    /// `n % 4096` times (reaches the queue-length limits).
+    pub const T_REPEAT: u8 = 5;
     /// Number of tags; a tag byte is taken modulo this.
-    pub const TAGS: u8 = 5;
+    pub const TAGS: u8 = 6;
 
     /// A frame op.
     pub fn frame(bytes: &[u8]) -> Vec<u8> {
@@ -306,5 +309,12 @@ pub mod ipc_decode {
     /// A gate op.
     pub fn gate(output: bool, input: bool) -> Vec<u8> {
         vec![T_GATE, u8::from(output) | u8::from(input) << 1]
+    }
+
+    /// A repeat op.
+    pub fn repeat(n: u16) -> Vec<u8> {
+        let mut v = vec![T_REPEAT];
+        v.extend_from_slice(&n.to_le_bytes());
+        v
     }
 }
