@@ -205,6 +205,31 @@ impl Session {
         }
     }
 
+    /// Whether the broker must wake up for the device's next message.
+    ///
+    /// Not while a stream has a deadline and no stream waits for a message
+    /// to go on: then every message can wait for that deadline (at most a
+    /// period away), when the channel is read before the clocks advance.
+    /// New data or requests only queue behind what is there; a STOP or
+    /// RELEASE read then still takes effect before any byte it concerns is
+    /// consumed. A stream waits when it is prepared or stopped (for START)
+    /// or running with nothing queued (for data); a stream not yet prepared
+    /// has its SET_PARAMS and PREPARE read within a period. Saves one
+    /// wake-up per period while audio flows.
+    pub fn must_watch_channel(&self) -> bool {
+        let waits = |stream: &Stream, deadline: Option<Instant>| {
+            deadline.is_none()
+                && matches!(
+                    stream.state(),
+                    PcmState::Prepared | PcmState::Running | PcmState::Stopped
+                )
+        };
+        let (pb, cap) = (self.playback_deadline(), self.capture_deadline());
+        (pb.is_none() && cap.is_none())
+            || waits(&self.playback.stream, pb)
+            || waits(&self.capture.stream, cap)
+    }
+
     fn playback_deadline(&self) -> Option<Instant> {
         let pb = &self.playback;
         let (clock, params) = (pb.clock?, pb.params.as_ref()?);
@@ -844,6 +869,50 @@ mod tests {
         assert_eq!(captured, 50, "every capture request answered at once");
         assert_eq!(r.audio.played.len(), 50 * PERIOD as usize);
         assert_eq!(r.session.next_deadline(), None, "nothing left to wait for");
+    }
+
+    #[test]
+    fn the_channel_is_watched_unless_both_streams_have_a_deadline_or_idle() {
+        let mut r = Rig::new(GateState {
+            output: true,
+            input: true,
+        });
+        assert!(r.session.must_watch_channel(), "nothing runs: watch");
+        r.stream(Direction::Output);
+        r.send(DeviceMsg::Playback {
+            buffer: 0,
+            last: true,
+            data: vec![1; PERIOD as usize],
+        })
+        .unwrap();
+        r.send(DeviceMsg::Start {
+            direction: Direction::Output,
+        })
+        .unwrap();
+        // Playback has a deadline; capture has not even parameters: its
+        // SET_PARAMS can wait for that deadline.
+        assert!(!r.session.must_watch_channel());
+        r.stream(Direction::Input);
+        assert!(
+            r.session.must_watch_channel(),
+            "a prepared stream waits for its START: watch"
+        );
+        r.send(DeviceMsg::Capture {
+            buffer: 1,
+            len: PERIOD,
+        })
+        .unwrap();
+        r.send(DeviceMsg::Start {
+            direction: Direction::Input,
+        })
+        .unwrap();
+        assert!(
+            !r.session.must_watch_channel(),
+            "both streams have a deadline: messages wait for it"
+        );
+        // Playback runs dry at its deadline: it waits for data.
+        r.tick(r.at(10));
+        assert!(r.session.must_watch_channel(), "a starved stream: watch");
     }
 
     #[test]

@@ -287,8 +287,16 @@ impl Supervisor {
             Err(e) => return stop_device(&mut child, Some(e.to_string())),
         };
         session.set_unpaced_for_benchmark(self.unpaced);
+        // Whether the last poll watched the channel for messages; when it
+        // did not, what arrived meanwhile is read before the clocks tick.
+        let mut watched = true;
         loop {
             let now = Instant::now();
+            if !watched {
+                if let Err(e) = session.on_readable(self.audio.as_mut(), now) {
+                    return self.session_failed(&mut child, e);
+                }
+            }
             if let Err(e) = session.on_tick(self.audio.as_mut(), now) {
                 return self.session_failed(&mut child, e);
             }
@@ -298,7 +306,15 @@ impl Supervisor {
                 self.audio.next_deadline(),
             ]);
             let timeout = wake.map(|d| TimeSpec::from_duration(d.saturating_duration_since(now)));
-            let mut flags = PollFlags::POLLIN;
+            // While both streams have a deadline, the device's messages wait
+            // for it (one wake-up per period instead of two); a hang-up is
+            // reported either way.
+            watched = session.must_watch_channel();
+            let mut flags = if watched {
+                PollFlags::POLLIN
+            } else {
+                PollFlags::empty()
+            };
             if session.wants_write() {
                 flags |= PollFlags::POLLOUT;
             }

@@ -50,6 +50,15 @@ const MAX_DEVICE_QUEUED_PLAYBACK: u64 = (MAX_QUEUED_PLAYBACK_BYTES / 2) as u64;
 /// got back cannot grow the lists past this.
 const MAX_PENDING_TX: usize = 1024;
 
+/// With EVENT_IDX, a transfer queue whose stream has at least this many
+/// buffers waiting at the broker is not kicked: the broker will wake the
+/// device when the first of them is done, while the others (two periods or
+/// more) still play, and the device drains the queue then. Saves one
+/// wake-up of the device per period; with fewer buffers queued the guest
+/// kicks as usual, so the broker's cushion never shrinks below two buffers
+/// because of it.
+const DEFER_KICKS_AT: usize = 3;
+
 type Mem = GuestMemoryAtomic<GuestMemoryMmap>;
 
 struct PendingTx {
@@ -81,6 +90,8 @@ pub struct SndBackend {
     event_buffers: VecDeque<(u16, Sg)>,
     event_backlog: VecDeque<[u8; EVENT_SIZE]>,
     to_signal: [bool; NUM_QUEUES],
+    /// Queues whose kicks are deferred (see [`DEFER_KICKS_AT`]).
+    kicks_deferred: [bool; NUM_QUEUES],
     scratch: Vec<u8>,
     exit: (EventConsumer, EventNotifier),
 }
@@ -102,6 +113,7 @@ impl SndBackend {
             event_buffers: VecDeque::new(),
             event_backlog: VecDeque::new(),
             to_signal: [false; NUM_QUEUES],
+            kicks_deferred: [false; NUM_QUEUES],
             scratch: Vec::new(),
             exit: new_event_consumer_and_notifier(EventFlag::NONBLOCK)?,
         })
@@ -175,6 +187,15 @@ impl SndBackend {
             if !self.event_idx {
                 break;
             }
+            let defer = self.can_defer_kicks(q);
+            if let Some(d) = self.kicks_deferred.get_mut(usize::from(q)) {
+                *d = defer;
+            }
+            if defer {
+                // Not re-enabled: the guest stops kicking this queue until
+                // the device drains it at the broker's next message.
+                break;
+            }
             match vring.enable_notification() {
                 Ok(true) if idle_rounds < 2 => continue,
                 Ok(true) => {
@@ -182,6 +203,26 @@ impl SndBackend {
                     break;
                 }
                 _ => break,
+            }
+        }
+    }
+
+    /// Whether queue `q` can do without kicks for now (see
+    /// [`DEFER_KICKS_AT`]).
+    fn can_defer_kicks(&self, q: u16) -> bool {
+        match q {
+            TX_QUEUE => self.tx_pending.len() >= DEFER_KICKS_AT,
+            RX_QUEUE => self.rx_pending.len() >= DEFER_KICKS_AT,
+            _ => false,
+        }
+    }
+
+    /// Drain the queues whose kicks are deferred (and re-enable their kicks
+    /// once too few of their buffers wait at the broker).
+    fn drain_deferred(&mut self, vrings: &[VringRwLock]) {
+        for q in [TX_QUEUE, RX_QUEUE] {
+            if self.kicks_deferred.get(usize::from(q)) == Some(&true) {
+                self.process_queue(q, vrings);
             }
         }
     }
@@ -565,6 +606,9 @@ impl SndBackend {
     /// A queue was stopped by the frontend (device reset, VM shutdown): its
     /// buffers are gone, and so is the stream it carried.
     fn queue_stopped(&mut self, q: u16) {
+        if let Some(d) = self.kicks_deferred.get_mut(usize::from(q)) {
+            *d = false;
+        }
         let dir = match q {
             TX_QUEUE => Direction::Output,
             RX_QUEUE => Direction::Input,
@@ -682,12 +726,21 @@ impl VhostUserBackendMut for SndBackend {
         _thread_id: usize,
     ) -> io::Result<()> {
         match device_event {
-            q @ (CONTROL_QUEUE | EVENT_QUEUE | TX_QUEUE | RX_QUEUE) => {
-                self.process_queue(q, vrings)
+            CONTROL_QUEUE => {
+                // Transfers the guest published before this request are
+                // seen before it, deferred kicks or not.
+                self.drain_deferred(vrings);
+                self.process_queue(CONTROL_QUEUE, vrings)
             }
+            q @ (EVENT_QUEUE | TX_QUEUE | RX_QUEUE) => self.process_queue(q, vrings),
             BROKER_EVENT => self.broker_event(evset, vrings),
             other => debug!("unexpected event {other}"),
         }
+        // The guest hears about its buffers first; then, whatever woke the
+        // device, it picks up what the guest queued without kicking, and
+        // turns kicks back on where too little is queued.
+        self.signal_all(vrings);
+        self.drain_deferred(vrings);
         self.signal_all(vrings);
         // Never an error: an error would end the worker thread.
         Ok(())
