@@ -46,6 +46,7 @@ struct Rep {
     jitter_max_us: Option<f64>,
     xruns: Option<u64>,
     cpu_ms_per_s: f64,
+    cpu_tx_ms_per_s: f64,
     hwm_mib: f64,
     throughput_x: f64,
     load: String,
@@ -113,23 +114,27 @@ pub fn control_rtts(fe: &mut Frontend, n: usize) -> Res<Vec<f64>> {
     Ok(v)
 }
 
-fn run_rep(kind: Kind, paced: &Spec, unpaced: &Spec, o: &Opts, rep: usize) -> Res<Rep> {
+/// What a real-time run measured.
+struct Rt {
+    cpu_ms_per_s: f64,
+    hwm_mib: f64,
+    jitter_p50_us: Option<f64>,
+    jitter_p99_us: Option<f64>,
+    jitter_max_us: Option<f64>,
+    xruns: Option<u64>,
+}
+
+/// Play (and with `duplex`, record) in real time for `window` after 1 s of
+/// warm-up; CPU of the target's processes over the window.
+fn realtime(
+    kind: Kind,
+    target: &mut Target,
+    mut fe: Frontend,
+    duplex: bool,
+    window: Duration,
+) -> Res<Rt> {
     let cfg = PcmConfig::s16_stereo_48k(10);
-    let mut r = Rep {
-        load: procfs::loadavg(),
-        ..Rep::default()
-    };
-
-    // Start-up, control round trip, then duplex in real time.
-    let tag = format!("{}-{rep}", kind.name());
-    let (mut target, mut fe, st) = Target::start(paced, &o.base, &tag, frontend_options())?;
-    r.accept_ms = st.accept.as_secs_f64() * 1e3;
-    r.ready_ms = st.ready.as_secs_f64() * 1e3;
     let (out_id, in_id) = find_streams(&mut fe)?;
-    let rtts = control_rtts(&mut fe, o.rtt_requests)?;
-    r.rtt_p50_us = stats::percentile(&rtts, 50.0).unwrap_or(f64::NAN);
-    r.rtt_p99_us = stats::percentile(&rtts, 99.0).unwrap_or(f64::NAN);
-
     let pace = match kind {
         Kind::Vsnd => Pace::Device,
         Kind::Upstream => Pace::Frontend,
@@ -139,60 +144,92 @@ fn run_rep(kind: Kind, paced: &Spec, unpaced: &Spec, o: &Opts, rep: usize) -> Re
         cfg,
         Streams {
             tx: Some((out_id, RT_DEPTH)),
-            rx: Some((in_id, RT_DEPTH)),
+            rx: duplex.then_some((in_id, RT_DEPTH)),
         },
         pace,
         0,
     )?;
-    let duplex = (|| -> Res<()> {
-        g.setup()?;
-        g.prefill()?;
-        g.start()?;
-        g.run_until(Instant::now() + Duration::from_secs(1))?;
-        g.reset_stats();
-        let cpu0 = target.cpu_ns();
-        let t0 = Instant::now();
-        g.run_until(t0 + o.duplex)?;
-        let cpu1 = target.cpu_ns();
-        let secs = t0.elapsed().as_secs_f64();
-        r.cpu_ms_per_s = cpu1.saturating_sub(cpu0) as f64 / 1e6 / secs;
-        r.hwm_mib = target.hwm_kib() as f64 / 1024.0;
-        Ok(())
-    })();
-    if let Err(e) = duplex {
-        target.keep();
-        return Err(format!(
-            "{} duplex: {e}\n{}",
-            kind.name(),
-            target.log_tail(30)
-        ));
-    }
+    g.setup()?;
+    g.prefill()?;
+    g.start()?;
+    g.run_until(Instant::now() + Duration::from_secs(1))?;
+    g.reset_stats();
+    let cpu0 = target.cpu_ns();
+    let t0 = Instant::now();
+    g.run_until(t0 + window)?;
+    let cpu1 = target.cpu_ns();
+    let secs = t0.elapsed().as_secs_f64();
+    let mut rt = Rt {
+        cpu_ms_per_s: cpu1.saturating_sub(cpu0) as f64 / 1e6 / secs,
+        hwm_mib: target.hwm_kib() as f64 / 1024.0,
+        jitter_p50_us: None,
+        jitter_p99_us: None,
+        jitter_max_us: None,
+        xruns: None,
+    };
     if kind == Kind::Vsnd {
         let tx = g.tx.as_ref().ok_or("no tx")?;
-        let rx = g.rx.as_ref().ok_or("no rx")?;
-        r.jitter_p50_us = stats::percentile(&tx.dev_us, 50.0);
-        r.jitter_p99_us = stats::percentile(&tx.dev_us, 99.0);
-        r.jitter_max_us = stats::max(&tx.dev_us);
-        r.xruns = Some(tx.late + tx.bad + rx.late + rx.bad);
+        rt.jitter_p50_us = stats::percentile(&tx.dev_us, 50.0);
+        rt.jitter_p99_us = stats::percentile(&tx.dev_us, 99.0);
+        rt.jitter_max_us = stats::max(&tx.dev_us);
+        rt.xruns = Some(g.lanes().map(|l| l.late + l.bad).sum());
     }
-    drop(g);
+    Ok(rt)
+}
+
+fn run_rep(kind: Kind, paced: &Spec, unpaced: &Spec, o: &Opts, rep: usize) -> Res<Rep> {
+    let cfg = PcmConfig::s16_stereo_48k(10);
+    let mut r = Rep {
+        load: procfs::loadavg(),
+        ..Rep::default()
+    };
+    let fail = |what: &str, target: &mut Target, e: String| -> String {
+        target.keep();
+        format!("{} {what}: {e}\n{}", kind.name(), target.log_tail(30))
+    };
+
+    // Start-up, control round trip, then duplex in real time.
+    let tag = format!("{}-{rep}", kind.name());
+    let (mut target, mut fe, st) = Target::start(paced, &o.base, &tag, frontend_options())?;
+    r.accept_ms = st.accept.as_secs_f64() * 1e3;
+    r.ready_ms = st.ready.as_secs_f64() * 1e3;
+    let rtts =
+        control_rtts(&mut fe, o.rtt_requests).map_err(|e| fail("control", &mut target, e))?;
+    r.rtt_p50_us = stats::percentile(&rtts, 50.0).unwrap_or(f64::NAN);
+    r.rtt_p99_us = stats::percentile(&rtts, 99.0).unwrap_or(f64::NAN);
+    let rt = realtime(kind, &mut target, fe, true, o.duplex)
+        .map_err(|e| fail("duplex", &mut target, e))?;
+    r.cpu_ms_per_s = rt.cpu_ms_per_s;
+    r.hwm_mib = rt.hwm_mib;
+    r.jitter_p50_us = rt.jitter_p50_us;
+    r.jitter_p99_us = rt.jitter_p99_us;
+    r.jitter_max_us = rt.jitter_max_us;
+    r.xruns = rt.xruns;
+    drop(target);
+
+    // Playback only, in real time: the same work for both.
+    let (mut target, fe, _) =
+        Target::start(paced, &o.base, &format!("{tag}-tx"), frontend_options())?;
+    let rt = realtime(kind, &mut target, fe, false, o.duplex)
+        .map_err(|e| fail("playback", &mut target, e))?;
+    r.cpu_tx_ms_per_s = rt.cpu_ms_per_s;
     drop(target);
 
     // Unpaced throughput, playback only.
     let (mut target, mut fe, _) =
         Target::start(unpaced, &o.base, &format!("{tag}-tput"), frontend_options())?;
-    let (out_id, _) = find_streams(&mut fe)?;
-    let mut g = Guest::new(
-        fe,
-        cfg,
-        Streams {
-            tx: Some((out_id, TPUT_DEPTH)),
-            rx: None,
-        },
-        Pace::Device,
-        0,
-    )?;
     let tput = (|| -> Res<f64> {
+        let (out_id, _) = find_streams(&mut fe)?;
+        let mut g = Guest::new(
+            fe,
+            cfg,
+            Streams {
+                tx: Some((out_id, TPUT_DEPTH)),
+                rx: None,
+            },
+            Pace::Device,
+            0,
+        )?;
         g.setup()?;
         g.prefill()?;
         g.start()?;
@@ -203,17 +240,7 @@ fn run_rep(kind: Kind, paced: &Spec, unpaced: &Spec, o: &Opts, rep: usize) -> Re
         let bytes = (g.completed() - c0) * u64::from(cfg.period_bytes);
         Ok(bytes as f64 / t0.elapsed().as_secs_f64() / cfg.bytes_per_second() as f64)
     })();
-    match tput {
-        Ok(x) => r.throughput_x = x,
-        Err(e) => {
-            target.keep();
-            return Err(format!(
-                "{} throughput: {e}\n{}",
-                kind.name(),
-                target.log_tail(30)
-            ));
-        }
-    }
+    r.throughput_x = tput.map_err(|e| fail("throughput", &mut target, e))?;
     Ok(r)
 }
 
@@ -251,17 +278,17 @@ pub fn run(o: &Opts) -> Res<String> {
         .map(|p| (Spec::upstream_null(p), Spec::upstream_null(p)));
     let load_start = procfs::loadavg();
     let started = Instant::now();
-    let mut vs = Vec::new();
+    let mut vs: Vec<Rep> = Vec::new();
     let mut us = Vec::new();
     let mut log = String::new();
     for rep in 0..o.reps {
         let r = run_rep(Kind::Vsnd, &specs_v.0, &specs_v.1, o, rep)?;
         let line = format!(
-            "rep {rep} vsnd: load {} | accept {:.2} ms ready {:.2} ms | rtt p50 {:.1} p99 {:.1} µs | jitter p50 {:.0} p99 {:.0} max {:.0} µs, xruns {} | cpu {:.2} ms/s | hwm {:.1} MiB | {:.0}× real time",
+            "rep {rep} vsnd: load {} | accept {:.2} ms ready {:.2} ms | rtt p50 {:.1} p99 {:.1} µs | jitter p50 {:.0} p99 {:.0} max {:.0} µs, xruns {} | cpu duplex {:.2} playback {:.2} ms/s | hwm {:.1} MiB | {:.0}× real time",
             r.load, r.accept_ms, r.ready_ms, r.rtt_p50_us, r.rtt_p99_us,
             r.jitter_p50_us.unwrap_or(f64::NAN), r.jitter_p99_us.unwrap_or(f64::NAN),
             r.jitter_max_us.unwrap_or(f64::NAN), r.xruns.unwrap_or(0),
-            r.cpu_ms_per_s, r.hwm_mib, r.throughput_x
+            r.cpu_ms_per_s, r.cpu_tx_ms_per_s, r.hwm_mib, r.throughput_x
         );
         eprintln!("{line}");
         log.push_str(&line);
@@ -270,9 +297,9 @@ pub fn run(o: &Opts) -> Res<String> {
         if let Some((p, u)) = &specs_u {
             let r = run_rep(Kind::Upstream, p, u, o, rep)?;
             let line = format!(
-                "rep {rep} upstream: load {} | accept {:.2} ms ready {:.2} ms | rtt p50 {:.1} p99 {:.1} µs | cpu {:.2} ms/s | hwm {:.1} MiB | {:.0}× real time",
+                "rep {rep} upstream: load {} | accept {:.2} ms ready {:.2} ms | rtt p50 {:.1} p99 {:.1} µs | cpu duplex {:.2} playback {:.2} ms/s | hwm {:.1} MiB | {:.0}× real time",
                 r.load, r.accept_ms, r.ready_ms, r.rtt_p50_us, r.rtt_p99_us,
-                r.cpu_ms_per_s, r.hwm_mib, r.throughput_x
+                r.cpu_ms_per_s, r.cpu_tx_ms_per_s, r.hwm_mib, r.throughput_x
             );
             eprintln!("{line}");
             log.push_str(&line);
@@ -347,6 +374,14 @@ pub fn run(o: &Opts) -> Res<String> {
             upstream: up(|r| Some(r.cpu_ms_per_s)),
             target: "≤ 1.0× upstream",
             verdict: Some(|v, u| u.is_none_or(|u| v <= u)),
+            digits: Some(2),
+        },
+        Row {
+            what: "host CPU per second of playback-only audio (ms/s; the same work for both)",
+            vsnd: vv(|r| Some(r.cpu_tx_ms_per_s)),
+            upstream: up(|r| Some(r.cpu_tx_ms_per_s)),
+            target: "",
+            verdict: None,
             digits: Some(2),
         },
         Row {

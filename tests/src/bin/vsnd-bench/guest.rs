@@ -20,7 +20,9 @@
 //! than its place on the ideal schedule (START + (k+1) × period for the k-th
 //! buffer), or a capture buffer that came back short or with an error
 //! status. After a late buffer the schedule is re-anchored at it, so one
-//! stall counts once.
+//! stall counts once; when the buffers after it come back "early" against
+//! the moved schedule, it was this process that saw the buffer late (it was
+//! not scheduled), and the schedule moves back.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -66,6 +68,9 @@ pub struct Lane {
     /// Completions counted since the schedule's anchor.
     k: u64,
     anchor: Option<Instant>,
+    /// Seconds the schedule was moved later by late buffers and not yet
+    /// moved back.
+    shifted: f64,
     /// |completion − ideal time| of every completion, µs.
     pub dev_us: Vec<f64>,
     /// Late completions (see the module doc).
@@ -121,6 +126,7 @@ impl Lane {
             completed: 0,
             k: 0,
             anchor: None,
+            shifted: 0.0,
             dev_us: Vec::new(),
             late: 0,
             bad: 0,
@@ -214,14 +220,28 @@ impl Lane {
             }
             if let Some(anchor) = self.anchor {
                 let ideal = anchor + self.period_dur * (self.k + 1) as u32;
-                let dev = if now >= ideal {
+                let mut dev = if now >= ideal {
                     (now - ideal).as_secs_f64()
                 } else {
                     -(ideal - now).as_secs_f64()
                 };
-                if dev > self.period_dur.as_secs_f64() {
+                let period = self.period_dur.as_secs_f64();
+                if dev > period {
+                    // Late by more than a period: an xrun. The schedule
+                    // moves to this buffer, so one stall counts once…
                     self.late += 1;
                     self.anchor = now.checked_sub(self.period_dur * (self.k + 1) as u32);
+                    self.shifted += dev;
+                } else if dev < 0.0 && self.shifted > 0.0 {
+                    // …and moves back (without counting) when the next
+                    // buffers show that it was this process, not the
+                    // device, that was late.
+                    let back = (-dev).min(self.shifted);
+                    self.shifted -= back;
+                    dev += back;
+                    self.anchor = self
+                        .anchor
+                        .and_then(|a| a.checked_sub(Duration::from_secs_f64(back)));
                 }
                 self.dev_us.push(dev.abs() * 1e6);
                 self.k += 1;
@@ -350,6 +370,7 @@ impl Guest {
             let pace = self.pace;
             for lane in self.lanes_mut().filter(|l| l.stream == id) {
                 lane.k = 0;
+                lane.shifted = 0.0;
                 lane.last_progress = now;
                 match pace {
                     Pace::Device => lane.anchor = Some(now),
