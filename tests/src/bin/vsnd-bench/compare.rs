@@ -50,6 +50,7 @@ struct Rep {
     hwm_mib: f64,
     throughput_x: f64,
     load: String,
+    memory: String,
 }
 
 /// The frontend every workload uses: EVENT_IDX on (as QEMU and Linux do).
@@ -116,6 +117,8 @@ pub fn control_rtts(fe: &mut Frontend, n: usize) -> Res<Vec<f64>> {
 
 /// What a real-time run measured.
 struct Rt {
+    /// Peak and current resident memory by kind, per process.
+    memory: String,
     cpu_ms_per_s: f64,
     hwm_mib: f64,
     jitter_p50_us: Option<f64>,
@@ -159,7 +162,25 @@ fn realtime(
     g.run_until(t0 + window)?;
     let cpu1 = target.cpu_ns();
     let secs = t0.elapsed().as_secs_f64();
+    let memory = target
+        .pids()
+        .iter()
+        .map(|&p| {
+            let comm = std::fs::read_to_string(format!("/proc/{p}/comm")).unwrap_or_default();
+            let kib = |k: &str| procfs::status_kib(p, k).unwrap_or(0);
+            format!(
+                "{}: VmHWM {} KiB = anonymous {} + file-backed {} + shared {}",
+                comm.trim(),
+                kib("VmHWM"),
+                kib("RssAnon"),
+                kib("RssFile"),
+                kib("RssShmem")
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("; ");
     let mut rt = Rt {
+        memory,
         cpu_ms_per_s: cpu1.saturating_sub(cpu0) as f64 / 1e6 / secs,
         hwm_mib: target.hwm_kib() as f64 / 1024.0,
         jitter_p50_us: None,
@@ -201,6 +222,7 @@ fn run_rep(kind: Kind, paced: &Spec, unpaced: &Spec, o: &Opts, rep: usize) -> Re
         .map_err(|e| fail("duplex", &mut target, e))?;
     r.cpu_ms_per_s = rt.cpu_ms_per_s;
     r.hwm_mib = rt.hwm_mib;
+    r.memory = rt.memory;
     r.jitter_p50_us = rt.jitter_p50_us;
     r.jitter_p99_us = rt.jitter_p99_us;
     r.jitter_max_us = rt.jitter_max_us;
@@ -480,6 +502,15 @@ pub fn run(o: &Opts) -> Res<String> {
          backend never returns them), so upstream does less work there than vsnd, which paces \
          and answers both directions.\n",
     );
+    md.push_str(
+        "\nResident memory at the end of the last duplex run (RSS split by /proc/PID/status \
+         into anonymous, file-backed — code of the program and its libraries — and shared):\n\n",
+    );
+    for (name, reps) in [("vsnd", &vs), ("upstream", &us)] {
+        if let Some(r) = reps.last() {
+            md.push_str(&format!("* {name}: {}\n", r.memory));
+        }
+    }
     md.push_str("\nPer repetition:\n\n```\n");
     md.push_str(&log);
     md.push_str("```\n");
