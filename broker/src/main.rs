@@ -361,11 +361,46 @@ fn device_user(name: &str) -> Result<Option<(u32, u32)>, String> {
             "--device-user {name:?} is root; the device must run unprivileged"
         ));
     }
+    let status = std::fs::read_to_string("/proc/self/status")
+        .map_err(|e| format!("cannot read /proc/self/status to check capabilities: {e}"))?;
+    let missing = missing_capabilities(&status, DEVICE_SPAWN_CAPS);
+    if !missing.is_empty() {
+        return Err(format!(
+            "running as root without {}: the broker needs CAP_SETUID, CAP_SETGID and \
+             CAP_SETPCAP to start its device as {name} with no capabilities, and CAP_KILL to \
+             stop it; grant them (systemd: CapabilityBoundingSet=CAP_SETUID CAP_SETGID \
+             CAP_SETPCAP CAP_KILL) or run vsnd-broker as an unprivileged user",
+            missing.join(", ")
+        ));
+    }
     info!(
         "the device runs as {name} (uid {}, gid {})",
         user.uid, user.gid
     );
     Ok(Some((user.uid.as_raw(), user.gid.as_raw())))
+}
+
+/// What a root broker needs to run its device as another user and stop
+/// it: (capability number, name).
+const DEVICE_SPAWN_CAPS: &[(u32, &str)] = &[
+    (5, "CAP_KILL"),
+    (6, "CAP_SETGID"),
+    (7, "CAP_SETUID"),
+    (8, "CAP_SETPCAP"),
+];
+
+/// The names of `caps` missing from the `CapEff:` line of a
+/// `/proc/PID/status` text (all of them if the line is missing).
+fn missing_capabilities(status: &str, caps: &[(u32, &'static str)]) -> Vec<&'static str> {
+    let eff = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        .unwrap_or(0);
+    caps.iter()
+        .filter(|(bit, _)| eff & (1u64 << bit) == 0)
+        .map(|&(_, name)| name)
+        .collect()
 }
 
 fn check_executable(p: &Path) -> Result<(), String> {
@@ -452,5 +487,27 @@ fn remove_socket(path: Option<&Path>) {
         if let Err(e) = std::fs::remove_file(p) {
             warn!("cannot remove {}: {e}", p.display());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn missing_capabilities_reads_cap_eff() {
+        let all = "Name:\tx\nCapEff:\t000001ffffffffff\n";
+        assert!(missing_capabilities(all, DEVICE_SPAWN_CAPS).is_empty());
+        // Everything but CAP_KILL (bit 5).
+        let no_kill = "CapEff:\t000001ffffffffdf\n";
+        assert_eq!(
+            missing_capabilities(no_kill, DEVICE_SPAWN_CAPS),
+            vec!["CAP_KILL"]
+        );
+        assert_eq!(
+            missing_capabilities("CapEff:\t0000000000000000\n", DEVICE_SPAWN_CAPS).len(),
+            4
+        );
+        assert_eq!(missing_capabilities("", DEVICE_SPAWN_CAPS).len(), 4);
     }
 }

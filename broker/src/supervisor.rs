@@ -475,11 +475,22 @@ fn stop_device(child: &mut Child, reason: Option<String>) -> DeviceEnd {
         return DeviceEnd::Exited { status, reason };
     }
     let pid = nix::unistd::Pid::from_raw(child.id() as i32);
-    let _ = nix::sys::signal::kill(pid, Signal::SIGTERM);
+    if let Err(e) = nix::sys::signal::kill(pid, Signal::SIGTERM) {
+        warn!("cannot send SIGTERM to device {pid}: {e}");
+    }
+    // Never wait without a bound: a broker that cannot signal its device
+    // (no CAP_KILL over its user; refused at start, but be safe) must not
+    // hang here. A device left running dies with the broker (parent-death
+    // signal).
     let status = wait_timeout(child, EXIT_GRACE).or_else(|| {
-        let _ = child.kill();
-        child.wait().ok()
+        if let Err(e) = child.kill() {
+            warn!("cannot send SIGKILL to device {pid}: {e}");
+        }
+        wait_timeout(child, EXIT_GRACE)
     });
+    if status.is_none() {
+        error!("device {pid} did not stop and cannot be signalled; leaving it");
+    }
     debug!("device {} stopped: {status:?}", pid);
     DeviceEnd::Exited {
         status: status.unwrap_or(ExitStatus::from_raw(9)),

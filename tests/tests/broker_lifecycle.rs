@@ -516,6 +516,47 @@ fn bad_socket_fd_exits_2_and_starts_nothing() {
     );
 }
 
+/// A root broker that could not stop its `nobody` device (no CAP_KILL, as
+/// under a systemd unit whose CapabilityBoundingSet forgets it) refuses to
+/// start, saying which capabilities it needs, instead of hanging in its
+/// device's shutdown later.
+#[test]
+fn root_without_cap_kill_exits_2_naming_the_capability() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: needs root (CI runs as root)");
+        return;
+    }
+    let dir = TestDir::new("nokill");
+    let sock = dir.join("vm.sock");
+    let mut cmd = Command::new("setpriv");
+    cmd.args(["--bounding-set", "-kill", "--"])
+        .arg(vsnd_tests::bin_path("vsnd-broker"))
+        .arg("--socket")
+        .arg(&sock)
+        .env("RUST_LOG", RUST_LOG)
+        .stdin(std::process::Stdio::null());
+    let out = run_to_exit(cmd, "vsnd-broker without CAP_KILL");
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "expected exit status 2 without CAP_KILL, got {}; stderr:\n{}",
+        out.status,
+        out.stderr
+    );
+    assert!(
+        out.stderr.contains("CAP_KILL") && out.stderr.contains("CapabilityBoundingSet"),
+        "expected the error to name CAP_KILL and how to grant it; stderr:\n{}",
+        out.stderr
+    );
+    assert!(
+        !sock.exists() && !out.stderr.contains(DEVICE_STARTED),
+        "nothing may be started: socket {} exists: {}; stderr:\n{}",
+        sock.display(),
+        sock.exists(),
+        out.stderr
+    );
+}
+
 #[test]
 fn second_broker_on_a_busy_socket_refuses_and_the_first_keeps_serving() {
     let dir = TestDir::new("busy");
