@@ -191,6 +191,17 @@ fn transfer(dir: &Path) {
     v.extend(kick(0));
     v.extend(stop(2));
     write_seed(dir, "events-loop-stop", &v);
+
+    // With EVENT_IDX, an available index more than a queue ahead (17
+    // publications on a 16-entry queue): the worker once spun on it.
+    let mut v = vec![H_EVENT_IDX];
+    v.extend(desc(0, 0, 0x0, 4, F_NEXT, 1));
+    v.extend(desc(0, 1, 0x100, 4, F_WRITE, 0));
+    for _ in 0..17 {
+        v.extend(publish(0, 0));
+    }
+    v.extend(kick(0));
+    write_seed(dir, "avail-index-too-far", &v);
 }
 
 fn write_seed(dir: &Path, name: &str, bytes: &[u8]) {
