@@ -15,6 +15,9 @@
 //!   microphone gate flipped, the device killed once; checks every played
 //!   byte, RSS and descriptor counts. Exits 1 if anything grew or was lost.
 //!
+//! `VSND_BENCH_RUST_LOG` sets the programs' `RUST_LOG` (default `warn`);
+//! `VSND_BENCH_KEEP` keeps their directories and logs under the temp dir.
+//!
 //! Build with `cargo build --release --workspace --bins` (the bench runs the
 //! `vsnd-broker` next to itself); `scripts/bench-setup` also installs
 //! upstream. Numbers from a debug build mean nothing.
@@ -100,6 +103,14 @@ fn scratch_dir(tag: &str) -> PathBuf {
     d
 }
 
+/// Remove a scratch directory, unless `$VSND_BENCH_KEEP` asks to keep the
+/// programs' logs.
+fn clean(dir: &std::path::Path) {
+    if std::env::var_os("VSND_BENCH_KEEP").is_none() {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
+
 fn emit(report: &str, out: Option<String>) -> Result<(), String> {
     println!("{report}");
     if let Some(path) = out {
@@ -148,7 +159,7 @@ fn real_main() -> Result<bool, String> {
                 o.upstream = Some(compare::find_upstream(upstream_flag.as_deref())?);
             }
             let report = compare::run(&o);
-            let _ = std::fs::remove_dir_all(&o.base);
+            clean(&o.base);
             emit(&report?, out)?;
             Ok(true)
         }
@@ -168,7 +179,7 @@ fn real_main() -> Result<bool, String> {
             let out = a.value("--out")?;
             a.done()?;
             let report = scale::run(&o);
-            let _ = std::fs::remove_dir_all(&o.base);
+            clean(&o.base);
             let (report, ok) = report?;
             emit(&report, out)?;
             Ok(ok)

@@ -67,7 +67,7 @@ impl Spec {
             kind: Kind::Vsnd,
             program: broker.to_path_buf(),
             extra_args,
-            rust_log: "warn".into(),
+            rust_log: default_log(),
             files: Vec::new(),
         }
     }
@@ -78,10 +78,21 @@ impl Spec {
             kind: Kind::Upstream,
             program: program.to_path_buf(),
             extra_args: vec!["--backend".into(), "null".into()],
-            rust_log: "warn".into(),
+            rust_log: default_log(),
             files: Vec::new(),
         }
     }
+}
+
+/// `RUST_LOG` of the programs under test: `$VSND_BENCH_RUST_LOG`, else
+/// `warn` (logging must not cost time in a measurement).
+pub fn default_log() -> String {
+    std::env::var("VSND_BENCH_RUST_LOG").unwrap_or_else(|_| "warn".into())
+}
+
+/// Keep every program's directory and log (`$VSND_BENCH_KEEP` set).
+fn keep_all() -> bool {
+    std::env::var_os("VSND_BENCH_KEEP").is_some()
 }
 
 /// How long start-up took.
@@ -255,7 +266,7 @@ impl Drop for Target {
                 }
             }
         }
-        if self.keep {
+        if self.keep || keep_all() {
             eprintln!("kept {}", self.dir.display());
         } else {
             let _ = fs::remove_dir_all(&self.dir);
