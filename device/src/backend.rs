@@ -217,6 +217,17 @@ impl SndBackend {
         }
     }
 
+    /// Queues whose kicks are deferred but that no longer have enough
+    /// buffers at the broker: kicks on again (and what came meanwhile is
+    /// taken).
+    fn rearm_kicks(&mut self, vrings: &[VringRwLock]) {
+        for q in [TX_QUEUE, RX_QUEUE] {
+            if self.kicks_deferred.get(usize::from(q)) == Some(&true) && !self.can_defer_kicks(q) {
+                self.process_queue(q, vrings);
+            }
+        }
+    }
+
     /// Drain the queues whose kicks are deferred (and re-enable their kicks
     /// once too few of their buffers wait at the broker).
     fn drain_deferred(&mut self, vrings: &[VringRwLock]) {
@@ -733,14 +744,18 @@ impl VhostUserBackendMut for SndBackend {
                 self.process_queue(CONTROL_QUEUE, vrings)
             }
             q @ (EVENT_QUEUE | TX_QUEUE | RX_QUEUE) => self.process_queue(q, vrings),
-            BROKER_EVENT => self.broker_event(evset, vrings),
+            BROKER_EVENT => {
+                // What the guest queued without kicking goes to the broker
+                // first, so that nothing is left to do once the guest has
+                // been told about its buffers (it may need this CPU).
+                self.drain_deferred(vrings);
+                self.broker_event(evset, vrings)
+            }
             other => debug!("unexpected event {other}"),
         }
-        // The guest hears about its buffers first; then, whatever woke the
-        // device, it picks up what the guest queued without kicking, and
-        // turns kicks back on where too little is queued.
         self.signal_all(vrings);
-        self.drain_deferred(vrings);
+        // Kicks back on where too few buffers wait at the broker now.
+        self.rearm_kicks(vrings);
         self.signal_all(vrings);
         // Never an error: an error would end the worker thread.
         Ok(())
