@@ -100,9 +100,9 @@ fn check_server(data: &[u8]) {
     SERVER.with(|cell| {
         let mut slot = cell.borrow_mut();
         let s = slot.get_or_insert_with(|| {
-            let dir = std::env::temp_dir().join(format!("vsnd-fuzz-ctl-{}", std::process::id()));
-            std::fs::create_dir_all(&dir).unwrap();
-            let path = dir.join("ctl.sock");
+            // Removed again when the server is dropped at exit.
+            let path =
+                std::env::temp_dir().join(format!("vsnd-fuzz-ctl-{}.sock", std::process::id()));
             Server {
                 server: ControlServer::bind(&path, vec![]).unwrap(),
                 gate: Gate::new(true, false, AuditLog::open(None).unwrap()),
