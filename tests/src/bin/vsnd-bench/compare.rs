@@ -45,6 +45,7 @@ struct Rep {
     jitter_p99_us: Option<f64>,
     jitter_max_us: Option<f64>,
     xruns: Option<u64>,
+    moved_back_us: f64,
     cpu_ms_per_s: f64,
     cpu_tx_ms_per_s: f64,
     hwm_mib: f64,
@@ -125,6 +126,7 @@ struct Rt {
     jitter_p99_us: Option<f64>,
     jitter_max_us: Option<f64>,
     xruns: Option<u64>,
+    moved_back_us: f64,
 }
 
 /// Play (and with `duplex`, record) in real time for `window` after 1 s of
@@ -187,6 +189,7 @@ fn realtime(
         jitter_p99_us: None,
         jitter_max_us: None,
         xruns: None,
+        moved_back_us: 0.0,
     };
     if kind == Kind::Vsnd {
         let tx = g.tx.as_ref().ok_or("no tx")?;
@@ -194,6 +197,7 @@ fn realtime(
         rt.jitter_p99_us = stats::percentile(&tx.dev_us, 99.0);
         rt.jitter_max_us = stats::max(&tx.dev_us);
         rt.xruns = Some(g.lanes().map(|l| l.late + l.bad).sum());
+        rt.moved_back_us = tx.moved_back * 1e6;
     }
     Ok(rt)
 }
@@ -227,6 +231,7 @@ fn run_rep(kind: Kind, paced: &Spec, unpaced: &Spec, o: &Opts, rep: usize) -> Re
     r.jitter_p99_us = rt.jitter_p99_us;
     r.jitter_max_us = rt.jitter_max_us;
     r.xruns = rt.xruns;
+    r.moved_back_us = rt.moved_back_us;
     drop(target);
 
     // Playback only, in real time: the same work for both.
@@ -306,10 +311,10 @@ pub fn run(o: &Opts) -> Res<String> {
     for rep in 0..o.reps {
         let r = run_rep(Kind::Vsnd, &specs_v.0, &specs_v.1, o, rep)?;
         let line = format!(
-            "rep {rep} vsnd: load {} | accept {:.2} ms ready {:.2} ms | rtt p50 {:.1} p99 {:.1} µs | jitter p50 {:.0} p99 {:.0} max {:.0} µs, xruns {} | cpu duplex {:.2} playback {:.2} ms/s | hwm {:.1} MiB | {:.0}× real time",
+            "rep {rep} vsnd: load {} | accept {:.2} ms ready {:.2} ms | rtt p50 {:.1} p99 {:.1} µs | jitter p50 {:.0} p99 {:.0} max {:.0} µs (schedule moved back {:.0} µs), xruns {} | cpu duplex {:.2} playback {:.2} ms/s | hwm {:.1} MiB | {:.0}× real time",
             r.load, r.accept_ms, r.ready_ms, r.rtt_p50_us, r.rtt_p99_us,
             r.jitter_p50_us.unwrap_or(f64::NAN), r.jitter_p99_us.unwrap_or(f64::NAN),
-            r.jitter_max_us.unwrap_or(f64::NAN), r.xruns.unwrap_or(0),
+            r.jitter_max_us.unwrap_or(f64::NAN), r.moved_back_us, r.xruns.unwrap_or(0),
             r.cpu_ms_per_s, r.cpu_tx_ms_per_s, r.hwm_mib, r.throughput_x
         );
         eprintln!("{line}");

@@ -20,9 +20,10 @@
 //! than its place on the ideal schedule (START + (k+1) × period for the k-th
 //! buffer), or a capture buffer that came back short or with an error
 //! status. After a late buffer the schedule is re-anchored at it, so one
-//! stall counts once; when the buffers after it come back "early" against
-//! the moved schedule, it was this process that saw the buffer late (it was
-//! not scheduled), and the schedule moves back.
+//! stall counts once; a buffer that comes back "early" moves the schedule
+//! back (the device cannot run ahead of its own START: this process saw
+//! the START answer or an earlier buffer late), and the total moved back is
+//! reported, so a device whose clock runs fast would still show.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -71,6 +72,9 @@ pub struct Lane {
     /// Seconds the schedule was moved later by late buffers and not yet
     /// moved back.
     shifted: f64,
+    /// Seconds the schedule was moved earlier by early buffers (after the
+    /// warm-up: see [`Guest::reset_stats`]).
+    pub moved_back: f64,
     /// |completion − ideal time| of every completion, µs.
     pub dev_us: Vec<f64>,
     /// Late completions (see the module doc).
@@ -127,6 +131,7 @@ impl Lane {
             k: 0,
             anchor: None,
             shifted: 0.0,
+            moved_back: 0.0,
             dev_us: Vec::new(),
             late: 0,
             bad: 0,
@@ -232,13 +237,17 @@ impl Lane {
                     self.late += 1;
                     self.anchor = now.checked_sub(self.period_dur * (self.k + 1) as u32);
                     self.shifted += dev;
-                } else if dev < 0.0 && self.shifted > 0.0 {
-                    // …and moves back (without counting) when the next
-                    // buffers show that it was this process, not the
-                    // device, that was late.
-                    let back = (-dev).min(self.shifted);
-                    self.shifted -= back;
-                    dev += back;
+                } else if dev < 0.0 {
+                    // …and moves back (without counting) when a buffer
+                    // comes back before its time: the device's clock cannot
+                    // run early against its own START, so either this
+                    // process saw the START answer (or a buffer before)
+                    // late, or the device runs fast — the total moved back
+                    // is reported, so a fast clock shows.
+                    let back = -dev;
+                    self.shifted = (self.shifted - back).max(0.0);
+                    self.moved_back += back;
+                    dev = 0.0;
                     self.anchor = self
                         .anchor
                         .and_then(|a| a.checked_sub(Duration::from_secs_f64(back)));
@@ -386,6 +395,7 @@ impl Guest {
     pub fn reset_stats(&mut self) {
         for l in self.lanes_mut() {
             l.dev_us.clear();
+            l.moved_back = 0.0;
             l.late = 0;
             l.bad = 0;
             l.overflow = 0;
