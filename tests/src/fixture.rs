@@ -15,9 +15,6 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use nix::sys::signal::{kill, Signal};
-use nix::unistd::Pid;
-
 use crate::bin_path;
 use crate::frontend::{Frontend, FrontendOptions, Used};
 use crate::snd::{self, PcmStatus};
@@ -594,23 +591,8 @@ impl Broker {
 impl Drop for Broker {
     fn drop(&mut self) {
         if let Some(mut child) = self.child.take() {
-            let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM);
-            let deadline = Instant::now() + STOP_GRACE;
-            loop {
-                match child.try_wait() {
-                    Ok(Some(_)) => break,
-                    Ok(None) if Instant::now() < deadline => {
-                        std::thread::sleep(Duration::from_millis(10))
-                    }
-                    _ => {
-                        eprintln!(
-                            "vsnd-broker did not stop within {STOP_GRACE:?} of SIGTERM; killing it"
-                        );
-                        let _ = child.kill();
-                        let _ = child.wait();
-                        break;
-                    }
-                }
+            if !crate::process::terminate(&mut child, STOP_GRACE) {
+                eprintln!("vsnd-broker did not stop within {STOP_GRACE:?} of SIGTERM; killed it");
             }
         }
         if std::thread::panicking() {

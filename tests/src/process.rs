@@ -355,6 +355,24 @@ impl Drop for BrokerProcess {
     }
 }
 
+/// Stop `child` the way a service manager does: SIGTERM, then SIGKILL if it
+/// has not exited within `grace`; reap it. True if it exited on SIGTERM.
+pub fn terminate(child: &mut Child, grace: Duration) -> bool {
+    let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM);
+    let deadline = Instant::now() + grace;
+    loop {
+        match child.try_wait() {
+            Ok(Some(_)) => return true,
+            Ok(None) if Instant::now() < deadline => sleep(Duration::from_millis(5)),
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return false;
+            }
+        }
+    }
+}
+
 /// `(fd number, link target)` of every open descriptor of `pid`, sorted.
 ///
 /// # Panics
