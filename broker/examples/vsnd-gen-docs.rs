@@ -251,8 +251,10 @@ fn broker_man() -> io::Result<Vec<u8>> {
                  file's directory. Unknown keys are an error.",
             ),
             Text(
-                "The --insecure-* options exist on the command line only: no file can \
-                 weaken the device's sandbox.",
+                "The --insecure-* options and --seccomp exist on the command line only: \
+                 no file can turn the device's sandbox off or make its system-call filter \
+                 permissive. device-path names the program started as the device: protect a \
+                 file that sets it like the broker's binary.",
             ),
             Text(
                 "A file that cannot be read or parsed stops the broker before it starts \

@@ -4,8 +4,12 @@
 //! * Keys are the long option names without `--` (`initial-streams =
 //!   "output"`, `control-allow-uid = [1000]`). Unknown keys are an error, so a
 //!   typo never silently leaves the microphone setting at its default.
-//! * The `--insecure-*` options (and any hidden option) exist on the command
-//!   line only: a file must not be able to weaken the sandbox.
+//! * The `--insecure-*` options, `--seccomp` (its `log` mode turns the
+//!   device's system-call filter into a report) and any hidden option exist
+//!   on the command line only: a file can neither turn the sandbox off nor
+//!   make its filter permissive. (`device-path` names the program the
+//!   broker starts as the device: protect a file that sets it like the
+//!   broker's own binary.)
 //! * An option given on the command line overrides the file's key (a list
 //!   such as `--control-allow-uid` replaces the file's list). `--socket` or
 //!   `--socket-fd` on the command line overrides both `socket` and
@@ -22,7 +26,7 @@ use clap::ArgMatches;
 use serde::de::Error as _;
 use serde::{Deserialize, Deserializer};
 
-use crate::cli::{self, BackendKind, Cli, SeccompMode};
+use crate::cli::{self, BackendKind, Cli};
 
 /// Largest config file read: a real one is a few hundred bytes.
 pub const MAX_CONFIG_BYTES: u64 = 1 << 20;
@@ -73,8 +77,6 @@ pub struct FileConfig {
     /// `--device-user`.
     #[serde(default, deserialize_with = "word")]
     pub device_user: Option<String>,
-    /// `--seccomp`.
-    pub seccomp: Option<SeccompMode>,
 }
 
 fn path<'de, D: Deserializer<'de>>(d: D) -> Result<Option<PathBuf>, D::Error> {
@@ -172,7 +174,22 @@ pub fn load(path: &Path) -> Result<FileConfig, ConfigError> {
         message,
         line_text: None,
     };
-    let file = std::fs::File::open(path).map_err(|e| err(format!("cannot open it: {e}")))?;
+    // Non-blocking, so that a FIFO at the path is refused instead of
+    // blocking the start-up until someone writes to it.
+    let file = {
+        use std::os::unix::fs::OpenOptionsExt as _;
+        std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(path)
+            .map_err(|e| err(format!("cannot open it: {e}")))?
+    };
+    let meta = file
+        .metadata()
+        .map_err(|e| err(format!("cannot stat it: {e}")))?;
+    if !meta.is_file() {
+        return Err(err("not a regular file".into()));
+    }
     let mut bytes = Vec::new();
     file.take(MAX_CONFIG_BYTES + 1)
         .read_to_end(&mut bytes)
@@ -289,7 +306,6 @@ pub fn merge(
         file.audit_log.map(resolve),
     );
     set(given("device_user"), &mut cli.device_user, file.device_user);
-    set(given("seccomp"), &mut cli.seccomp, file.seccomp);
     Ok(())
 }
 
@@ -305,6 +321,7 @@ pub fn base_dir(path: &Path) -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cli::SeccompMode;
     use clap::{CommandFactory, FromArgMatches};
 
     fn cli(args: &[&str]) -> (Cli, ArgMatches) {
@@ -336,7 +353,6 @@ control-socket = "/run/vsnd/vm1.ctl"
 control-allow-uid = [1000, 1001]
 audit-log = "/var/log/vsnd/vm1.audit"
 device-user = "vsnd-device"
-seccomp = "log"
 "#;
 
     #[test]
@@ -373,8 +389,24 @@ seccomp = "log"
             Some(Path::new("/var/log/vsnd/vm1.audit"))
         );
         assert_eq!(c.device_user, "vsnd-device");
-        assert_eq!(c.seccomp, SeccompMode::Log);
+        assert_eq!(c.seccomp, SeccompMode::Kill);
         assert!(!c.insecure_no_sandbox);
+    }
+
+    /// A FIFO (or anything but a regular file) at the path is refused at
+    /// once: opening it for reading must not wait for a writer.
+    #[test]
+    fn a_fifo_is_refused_without_blocking() {
+        let dir = std::env::temp_dir().join(format!("vsnd-config-fifo-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let fifo = dir.join("vm.toml");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        let e = load(&fifo).expect_err("a FIFO is not a config file");
+        assert!(e.to_string().contains("not a regular file"), "{e}");
+        let e = load(&dir).expect_err("a directory is not a config file");
+        assert!(e.to_string().contains("not a regular file"), "{e}");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
@@ -481,7 +513,7 @@ seccomp = "log"
             ("control-allow-uid = 1000\n", (1, 21), &["sequence"]),
             ("\n\nsocket = \"/a\n", (3, 13), &["string"]),
             ("socket = \"\"\n", (1, 10), &["empty"]),
-            ("seccomp = \"off\"\n", (1, 11), &["off", "kill", "log"]),
+            ("seccomp = \"log\"\n", (1, 1), &["unknown field", "seccomp"]),
             (
                 "insecure-no-sandbox = true\n",
                 (1, 1),
@@ -574,8 +606,9 @@ seccomp = "log"
             .collect()
     }
 
-    /// Every option the user can see, except `--insecure-*`, `--config`,
-    /// help and version, is a key of the file, so the two never drift.
+    /// Every option the user can see, except `--insecure-*`, `--seccomp`,
+    /// `--config`, help and version, is a key of the file, so the two never
+    /// drift.
     #[test]
     fn every_visible_option_is_a_config_key() {
         let keys = known_keys();
@@ -585,7 +618,7 @@ seccomp = "log"
             let Some(long) = arg.get_long() else { continue };
             if arg.is_hide_set()
                 || long.starts_with("insecure")
-                || ["config", "help", "version"].contains(&long)
+                || ["seccomp", "config", "help", "version"].contains(&long)
             {
                 continue;
             }

@@ -16,7 +16,7 @@ use vsnd_broker::audio::{
     alsa::AlsaAudio, file::FileAudio, null::Null, pipewire::PipeWireAudio, Audio,
 };
 use vsnd_broker::audit::AuditLog;
-use vsnd_broker::cli::{self, BackendKind, Cli, EXIT_USAGE};
+use vsnd_broker::cli::{self, BackendKind, Cli, SeccompMode, EXIT_USAGE};
 use vsnd_broker::config;
 use vsnd_broker::control_socket::ControlServer;
 use vsnd_broker::gate::Gate;
@@ -240,6 +240,12 @@ fn prepare(cli: &Cli, spec: &ListenerSpec) -> Result<Prepared, String> {
     }
     if cli.insecure_no_sandbox {
         warn!("*** INSECURE: --insecure-no-sandbox: the device will run WITHOUT its sandbox; debugging only ***");
+    }
+    if cli.seccomp == SeccompMode::Log && !cli.insecure_no_sandbox {
+        warn!(
+            "*** INSECURE: --seccomp log: the device's system-call filter only reports, it \
+             blocks nothing (socket and connect included); for diagnosing the profile only ***"
+        );
     }
     let device = DeviceSpec {
         path: device_path,

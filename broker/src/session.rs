@@ -305,6 +305,12 @@ impl Session {
         Ok(())
     }
 
+    /// Whether the device has said a valid hello (it does so once it is
+    /// sandboxed and holds the listener).
+    pub fn greeted(&self) -> bool {
+        self.greeted
+    }
+
     /// The channel is readable: handle what the device sent.
     pub fn on_readable(&mut self, audio: &mut dyn Audio, now: Instant) -> Result<(), SessionError> {
         for _ in 0..MAX_BATCH {

@@ -121,8 +121,8 @@ impl Supervisor {
         })
     }
 
-    /// Call `f` with the device's pid each time a device has been started
-    /// (the listener is then being served).
+    /// Call `f` with the device's pid each time a device has said hello
+    /// (it has sandboxed itself and serves the listener).
     pub fn on_device_started(&mut self, f: impl FnMut(u32) + 'static) {
         self.on_started = Some(Box::new(f));
     }
@@ -140,9 +140,6 @@ impl Supervisor {
             let started = Instant::now();
             let end = match self.spawn() {
                 Ok((child, ch, mut log)) => {
-                    if let Some(f) = self.on_started.as_mut() {
-                        f(child.id());
-                    }
                     let end = self.serve(child, ch, &mut log);
                     log.drain();
                     // The session is over, however it ended: the host capture
@@ -290,7 +287,16 @@ impl Supervisor {
         // Whether the last poll watched the channel for messages; when it
         // did not, what arrived meanwhile is read before the clocks tick.
         let mut watched = true;
+        // The device is announced (readiness) once it has said hello: it
+        // does so only after it has sandboxed itself, with the listener.
+        let mut announced = false;
         loop {
+            if !announced && session.greeted() {
+                announced = true;
+                if let Some(f) = self.on_started.as_mut() {
+                    f(child.id());
+                }
+            }
             let now = Instant::now();
             if !watched {
                 if let Err(e) = session.on_readable(self.audio.as_mut(), now) {
@@ -488,14 +494,16 @@ fn stop_device(child: &mut Child, reason: Option<String>) -> DeviceEnd {
         }
         wait_timeout(child, EXIT_GRACE)
     });
-    if status.is_none() {
-        error!("device {pid} did not stop and cannot be signalled; leaving it");
-    }
-    debug!("device {} stopped: {status:?}", pid);
-    DeviceEnd::Exited {
-        status: status.unwrap_or(ExitStatus::from_raw(9)),
-        reason,
-    }
+    let Some(status) = status else {
+        // Starting another device on the same listener beside it would
+        // leave two serving the VM's socket: stop the broker instead (the
+        // device dies with it: parent-death signal).
+        return DeviceEnd::Fatal(format!(
+            "device {pid} did not stop and cannot be signalled (does the broker lack CAP_KILL?)"
+        ));
+    };
+    debug!("device {} stopped: {status}", pid);
+    DeviceEnd::Exited { status, reason }
 }
 
 /// fork+exec the device with the listener as fd 3 and the channel as fd 4,

@@ -180,6 +180,9 @@ impl Notifier {
     /// A device was started and the listener is being served: `READY=1`
     /// the first time, a new `STATUS=` after that.
     pub fn device_started(&self, what: &str, device_pid: u32) {
+        // One line: a newline in `what` (a socket path) would add
+        // assignments of its own.
+        let what = what.replace(['\n', '\r'], " ");
         let status = format!("STATUS=serving {what} (device pid {device_pid})");
         if self.ready_sent.replace(true) {
             self.notify(&status);
@@ -190,6 +193,7 @@ impl Notifier {
 
     /// The broker is shutting down.
     pub fn stopping(&self, why: &str) {
+        let why = why.replace(['\n', '\r'], " ");
         self.notify(&format!("STOPPING=1\nSTATUS={why}"));
     }
 }

@@ -50,7 +50,7 @@ fn the_broker_runs_from_a_config_file() {
          playback-file = \"played.raw\"\n\
          capture-file = \"capture.raw\"\n\
          audit-log = \"vm1.audit\"\n\
-         seccomp = \"kill\"\n",
+         device-user = \"nobody\"\n",
     )
     .unwrap();
     let mut cmd = broker_command(args(&[&"--config", &config]), None);
