@@ -416,7 +416,7 @@ impl ControlServer {
         self.clients.retain(|c| !c.dead);
     }
 
-    /// The current flags, for a subscriber joining (used by tests).
+    /// How many clients are connected (for the tests).
     #[cfg(test)]
     fn clients(&self) -> usize {
         self.clients.len()

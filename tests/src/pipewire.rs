@@ -563,6 +563,33 @@ impl PipeWire {
         }
     }
 
+    /// `program` (`pw-record`, `pw-play`) with stream properties `props` on
+    /// `target`, in `format`, on `file`, its output into `log`.
+    ///
+    /// # Panics
+    /// When it cannot be started.
+    fn pw_cat(
+        &self,
+        program: &str,
+        props: &str,
+        target: &str,
+        format: PcmFormat,
+        file: &Path,
+        log: &Path,
+    ) -> Child {
+        self.command(program)
+            .arg("-P")
+            .arg(props)
+            .args(["--target", target])
+            .args(format.pw_cat_args())
+            .arg(file)
+            .stdin(Stdio::null())
+            .stdout(log_file(log))
+            .stderr(log_file(log))
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {program}: {e}"))
+    }
+
     /// Start recording `target`'s output: with `monitor`, the monitor ports
     /// of a sink (what was played into it); otherwise a source. Returns once
     /// the recorder is linked, so nothing played after this returns is missed.
@@ -578,18 +605,7 @@ impl PipeWire {
         let file = self.dir.join(format!("rec-{n}.wav"));
         let log = self.dir.join(format!("log/rec-{n}.log"));
         let props = format!("{{ node.name = {name} stream.capture.sink = {monitor} }}");
-        let child = self
-            .command("pw-record")
-            .arg("-P")
-            .arg(&props)
-            .args(["--target", target])
-            .args(format.pw_cat_args())
-            .arg(&file)
-            .stdin(Stdio::null())
-            .stdout(log_file(&log))
-            .stderr(log_file(&log))
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start pw-record: {e}"));
+        let child = self.pw_cat("pw-record", &props, target, format, &file, &log);
         let mut rec = Recording {
             child: Some(child),
             file,
@@ -645,18 +661,8 @@ impl PipeWire {
         data.resize(pcm.len() + pad, format.sample.silence_byte());
         fs::write(&file, wav_file(format, &data))
             .unwrap_or_else(|e| panic!("cannot write {}: {e}", file.display()));
-        let child = self
-            .command("pw-play")
-            .arg("-P")
-            .arg(format!("{{ node.name = {name} }}"))
-            .args(["--target", target])
-            .args(format.pw_cat_args())
-            .arg(&file)
-            .stdin(Stdio::null())
-            .stdout(log_file(&log))
-            .stderr(log_file(&log))
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start pw-play: {e}"));
+        let props = format!("{{ node.name = {name} }}");
+        let child = self.pw_cat("pw-play", &props, target, format, &file, &log);
         let frames = (pcm.len() / format.frame_bytes()) as u64 + u64::from(FEED_PADDING_FRAMES);
         let length = Duration::from_millis(frames * 1000 / u64::from(format.rate.max(1)));
         Feeder {

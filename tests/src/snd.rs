@@ -171,6 +171,21 @@ pub const PCM_FMT_IEC958_SUBFRAME: u8 = 24;
 /// Number of defined formats (valid values are `0..PCM_FMT_COUNT`).
 pub const PCM_FMT_COUNT: u8 = 25;
 
+/// The formats vsnd carries (what its null, file and PipeWire backends
+/// advertise; ALSA's are those of these its device accepts).
+pub const VSND_FORMATS: [u8; 10] = [
+    PCM_FMT_U8,
+    PCM_FMT_S8,
+    PCM_FMT_S16,
+    PCM_FMT_U16,
+    PCM_FMT_S24_3,
+    PCM_FMT_S24,
+    PCM_FMT_S32,
+    PCM_FMT_U32,
+    PCM_FMT_FLOAT,
+    PCM_FMT_FLOAT64,
+];
+
 /// Bytes one sample of `format` occupies in a buffer (its physical width),
 /// or `None` for IMA ADPCM (4 bits) and undefined formats.
 pub fn format_bytes(format: u8) -> Option<u32> {

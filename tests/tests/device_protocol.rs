@@ -30,20 +30,6 @@ const QUIET_WINDOW: Duration = Duration::from_millis(300);
 /// Generous bound for anything that should happen "at once".
 const PROMPT: Duration = Duration::from_secs(2);
 
-/// Every format the file backend carries (PCM_FMT_* codes).
-const FORMATS: [u8; 10] = [
-    snd::PCM_FMT_U8,
-    snd::PCM_FMT_S8,
-    snd::PCM_FMT_S16,
-    snd::PCM_FMT_U16,
-    snd::PCM_FMT_S24_3,
-    snd::PCM_FMT_S24,
-    snd::PCM_FMT_S32,
-    snd::PCM_FMT_U32,
-    snd::PCM_FMT_FLOAT,
-    snd::PCM_FMT_FLOAT64,
-];
-
 fn mask(bits: impl IntoIterator<Item = u8>) -> u64 {
     bits.into_iter().fold(0, |m, b| m | 1u64 << b)
 }
@@ -147,7 +133,7 @@ fn info_queries_describe_the_configured_device() {
         assert_eq!(info.direction, dir, "stream {id}: direction, in {info:?}");
         assert_eq!(
             info.formats,
-            mask(FORMATS),
+            mask(snd::VSND_FORMATS),
             "stream {id}: formats {:#x} in {info:?}",
             info.formats
         );

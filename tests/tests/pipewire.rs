@@ -717,20 +717,7 @@ fn other_formats_and_rates_are_converted_by_pipewire() {
     let name = "formats";
     let broker = pw_broker(&pw, name, "output", &[]);
     let mut fe = broker.connect(FrontendOptions::default());
-    let every_format = [
-        snd::PCM_FMT_U8,
-        snd::PCM_FMT_S8,
-        snd::PCM_FMT_S16,
-        snd::PCM_FMT_U16,
-        snd::PCM_FMT_S24_3,
-        snd::PCM_FMT_S24,
-        snd::PCM_FMT_S32,
-        snd::PCM_FMT_U32,
-        snd::PCM_FMT_FLOAT,
-        snd::PCM_FMT_FLOAT64,
-    ]
-    .iter()
-    .fold(0u64, |m, f| m | 1 << f);
+    let every_format = snd::VSND_FORMATS.iter().fold(0u64, |m, f| m | 1 << f);
     let every_rate = (snd::PCM_RATE_8000..=snd::PCM_RATE_192000).fold(0u64, |m, r| m | 1 << r);
     for (id, b) in query_all(&mut fe, snd::R_PCM_INFO, 2, snd::PCM_INFO_SIZE)
         .iter()
