@@ -1,14 +1,20 @@
 //! One device's session: the hello, then every message from the device,
-//! checked as hostile, and the real-time clock that paces both streams.
+//! checked as hostile, and the real-time budget that meters both streams.
 //!
-//! Playback: chunks queue per stream; the clock consumes them at the
-//! stream's byte rate from START on; when a buffer's last byte is consumed
-//! the device hears `PlaybackDone`. Consumed bytes go to the backend only
-//! while output is enabled (otherwise they are discarded, at the same pace).
+//! The device paces the guest (it returns each playback buffer and asks for
+//! each capture buffer when the stream's clock has advanced by its length),
+//! so the broker does not wake up for every period. It trusts none of
+//! that: each stream has a clock from START on, and bytes are let through
+//! only within its budget — what the real-time rate has made due, plus a
+//! slack for batching and scheduling ([`slack`]). A device that runs fast
+//! waits; it never gets more host audio than real time allows.
 //!
-//! Capture: requests queue; each is answered when the clock has advanced by
-//! its length, with host samples while input is enabled and silence
-//! otherwise. The host source is not touched while input is off.
+//! Playback: the bytes the device consumed are played (or, while output is
+//! off, discarded) as they arrive within the budget; the rest queue.
+//!
+//! Capture: each request is answered within the budget, with host samples
+//! while input is enabled and silence otherwise. The host source is not
+//! touched while input is off.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -16,7 +22,7 @@ use std::time::{Duration, Instant};
 use log::{debug, info, warn};
 use vsnd_ipc::lifecycle::{PcmCommand, PcmState, Stream};
 use vsnd_ipc::{
-    codec, BrokerMsg, Capabilities, Channel, ChannelError, DeviceMsg, Direction, GateState,
+    codec, BrokerMsg, Capabilities, Channel, ChannelError, DeviceMsg, Direction, GateState, Pacing,
     PcmParams, MAGIC, MAX_BUFFER_BYTES, MAX_PCM_CHUNK, MAX_PENDING_CAPTURE,
     MAX_QUEUED_PLAYBACK_BYTES, PROTOCOL_VERSION,
 };
@@ -81,22 +87,24 @@ impl Clock {
         }
     }
 
-    /// Whole frames' worth of bytes due by `now` and not yet accounted.
-    fn due(&self, now: Instant, p: &PcmParams) -> u64 {
-        let elapsed = now.saturating_duration_since(self.anchor).as_nanos();
-        let frames = elapsed * u128::from(p.rate) / 1_000_000_000;
-        let bytes = frames * u128::from(p.frame_bytes());
-        u64::try_from(bytes)
-            .unwrap_or(u64::MAX)
-            .saturating_sub(self.done)
+    /// Bytes that may pass by `now`: what the real-time rate has made due
+    /// since START plus `slack` ahead of it, less what passed already.
+    fn budget(&self, now: Instant, p: &PcmParams, slack: u64) -> u64 {
+        let elapsed = p.bytes_in(now.saturating_duration_since(self.anchor));
+        elapsed.saturating_add(slack).saturating_sub(self.done)
     }
 
-    /// When `more` bytes beyond those accounted will be due.
-    fn when(&self, more: u64, p: &PcmParams) -> Instant {
-        let frame = u64::from(p.frame_bytes().max(1));
-        let frames = (self.done.saturating_add(more)).div_ceil(frame);
-        let nanos = u128::from(frames) * 1_000_000_000 / u128::from(p.rate.max(1));
-        let offset = Duration::from_nanos(u64::try_from(nanos).unwrap_or(u64::MAX));
+    /// The stream had nothing waiting until `now`: time it did not use
+    /// beyond `slack` is forgotten, so that a stream idle for a while
+    /// cannot burst more than twice `slack`.
+    fn forget_idle(&mut self, now: Instant, p: &PcmParams, slack: u64) {
+        let elapsed = p.bytes_in(now.saturating_duration_since(self.anchor));
+        self.done = self.done.max(elapsed.saturating_sub(slack));
+    }
+
+    /// When the budget will allow `bytes`.
+    fn when(&self, bytes: u64, p: &PcmParams, slack: u64) -> Instant {
+        let offset = p.time_for(self.done.saturating_add(bytes).saturating_sub(slack));
         // Far beyond any real deadline, but never an overflow.
         self.anchor
             .checked_add(offset)
@@ -104,11 +112,17 @@ impl Clock {
     }
 }
 
+/// How far ahead of the broker's clock a stream may run: a quarter of a
+/// second plus the guest's whole buffer. Covers the device's batches of
+/// playback and the time the broker takes to read START; a device that
+/// tries to run faster than that is held to the real-time rate.
+fn slack(p: &PcmParams) -> u64 {
+    (p.bytes_per_second() / 4).saturating_add(u64::from(p.buffer_bytes))
+}
+
 struct Chunk {
     data: Vec<u8>,
     pos: usize,
-    /// Set on the last chunk of a guest buffer.
-    ends: Option<u64>,
 }
 
 /// The output stream as the broker sees it.
@@ -116,10 +130,9 @@ struct Chunk {
 struct Playback {
     stream: Stream,
     params: Option<PcmParams>,
+    /// Consumed playback beyond the budget, waiting for it.
     queue: VecDeque<Chunk>,
     queued: usize,
-    /// An unfinished buffer (chunks without `last` yet).
-    open_buffer: Option<u64>,
     clock: Option<Clock>,
 }
 
@@ -152,14 +165,19 @@ pub struct Session {
     playback: Playback,
     capture: Capture,
     scratch: Vec<u8>,
-    /// Measurement only: consume and answer at once, not at the real-time
-    /// rate.
-    unpaced: bool,
+    /// How the device paces the guest (its hello says so); with `unpaced`,
+    /// measurement only, the broker does not meter either.
+    pacing: Pacing,
 }
 
 impl Session {
     /// Start a session on a fresh channel; the device speaks first.
-    pub fn new(ch: Channel, caps: Capabilities, gate: GateState) -> Result<Self, SessionError> {
+    pub fn new(
+        ch: Channel,
+        caps: Capabilities,
+        gate: GateState,
+        pacing: Pacing,
+    ) -> Result<Self, SessionError> {
         ch.set_nonblocking(true)
             .map_err(|e| SessionError::Io(e.to_string()))?;
         Ok(Session {
@@ -172,17 +190,8 @@ impl Session {
             playback: Playback::default(),
             capture: Capture::default(),
             scratch: Vec::new(),
-            unpaced: false,
+            pacing,
         })
-    }
-
-    /// Measurement only, never for production (`--unpaced-for-benchmark`):
-    /// playback is consumed and capture answered as soon as they arrive,
-    /// without waiting for the real-time clock, so a benchmark can measure
-    /// how fast the device⇄broker pipeline itself moves audio. Everything
-    /// else (validation, the gate, the backend) is unchanged.
-    pub fn set_unpaced_for_benchmark(&mut self, unpaced: bool) {
-        self.unpaced = unpaced;
     }
 
     /// The channel, for polling.
@@ -205,50 +214,19 @@ impl Session {
         }
     }
 
-    /// Whether the broker must wake up for the device's next message.
-    ///
-    /// Not while a stream has a deadline and no stream waits for a message
-    /// to go on: then every message can wait for that deadline (at most a
-    /// period away), when the channel is read before the clocks advance.
-    /// New data or requests only queue behind what is there; a STOP or
-    /// RELEASE read then still takes effect before any byte it concerns is
-    /// consumed. A stream waits when it is prepared or stopped (for START)
-    /// or running with nothing queued (for data); a stream not yet prepared
-    /// has its SET_PARAMS and PREPARE read within a period. Saves one
-    /// wake-up per period while audio flows.
-    pub fn must_watch_channel(&self) -> bool {
-        let waits = |stream: &Stream, deadline: Option<Instant>| {
-            deadline.is_none()
-                && matches!(
-                    stream.state(),
-                    PcmState::Prepared | PcmState::Running | PcmState::Stopped
-                )
-        };
-        let (pb, cap) = (self.playback_deadline(), self.capture_deadline());
-        (pb.is_none() && cap.is_none())
-            || waits(&self.playback.stream, pb)
-            || waits(&self.capture.stream, cap)
-    }
-
     fn playback_deadline(&self) -> Option<Instant> {
         let pb = &self.playback;
         let (clock, params) = (pb.clock?, pb.params.as_ref()?);
-        // Bytes up to the end of the first complete buffer in the queue.
-        let mut bytes = 0u64;
-        for c in &pb.queue {
-            bytes = bytes.saturating_add((c.data.len().saturating_sub(c.pos)) as u64);
-            if c.ends.is_some() {
-                return Some(clock.when(bytes, params));
-            }
-        }
-        None
+        let first = pb.queue.front()?;
+        let rest = first.data.len().saturating_sub(first.pos) as u64;
+        Some(clock.when(rest, params, slack(params)))
     }
 
     fn capture_deadline(&self) -> Option<Instant> {
         let cap = &self.capture;
         let (clock, params) = (cap.clock?, cap.params.as_ref()?);
         let first = cap.queue.front()?;
-        Some(clock.when(u64::from(first.len), params))
+        Some(clock.when(u64::from(first.len), params, slack(params)))
     }
 
     /// The gate changed: tell the device (it shows the guest its jacks) and
@@ -344,6 +322,7 @@ impl Session {
                         version: PROTOCOL_VERSION,
                         caps: self.caps.clone(),
                         gate: self.gate,
+                        pacing: self.pacing,
                     };
                     self.send(&hello)
                 }
@@ -375,10 +354,16 @@ impl Session {
             DeviceMsg::Release { direction } => {
                 self.command(direction, PcmCommand::Release, audio, now)
             }
-            DeviceMsg::Playback { buffer, last, data } => {
-                self.playback_data(buffer, last, data, now)
+            // Played or answered at once when within the budget, so that a
+            // STOP or RELEASE read in the same batch comes after them.
+            DeviceMsg::Playback { data } => {
+                self.playback_data(data, now)?;
+                self.tick_playback(audio, now)
             }
-            DeviceMsg::Capture { buffer, len } => self.capture_request(buffer, len, now),
+            DeviceMsg::Capture { buffer, len } => {
+                self.capture_request(buffer, len, now)?;
+                self.tick_capture(audio, now)
+            }
         }
     }
 
@@ -434,7 +419,6 @@ impl Session {
                 pb.clock = None;
                 pb.queue.clear();
                 pb.queued = 0;
-                pb.open_buffer = None;
                 audio.close_output();
             }
             (Direction::Input, PcmCommand::Start) => {
@@ -463,13 +447,7 @@ impl Session {
         Ok(())
     }
 
-    fn playback_data(
-        &mut self,
-        buffer: u64,
-        last: bool,
-        data: Vec<u8>,
-        now: Instant,
-    ) -> Result<(), SessionError> {
+    fn playback_data(&mut self, data: Vec<u8>, now: Instant) -> Result<(), SessionError> {
         let pb = &mut self.playback;
         if !matches!(
             pb.stream.state(),
@@ -485,26 +463,18 @@ impl Session {
                 "more than {MAX_QUEUED_PLAYBACK_CHUNKS} playback chunks queued"
             ));
         }
-        if let Some(open) = pb.open_buffer {
-            if open != buffer {
-                return violation("playback buffer interleaved with another");
-            }
-        }
         pb.queued = pb.queued.saturating_add(data.len());
         if pb.queued > MAX_QUEUED_PLAYBACK_BYTES {
             return violation(format!(
                 "more than {MAX_QUEUED_PLAYBACK_BYTES} playback bytes queued"
             ));
         }
-        pb.open_buffer = if last { None } else { Some(buffer) };
         if pb.queue.is_empty() {
-            restart_if_starved(&mut pb.clock, pb.params.as_ref(), now);
+            if let (Some(clock), Some(params)) = (pb.clock.as_mut(), pb.params.as_ref()) {
+                clock.forget_idle(now, params, slack(params));
+            }
         }
-        pb.queue.push_back(Chunk {
-            data,
-            pos: 0,
-            ends: last.then_some(buffer),
-        });
+        pb.queue.push_back(Chunk { data, pos: 0 });
         Ok(())
     }
 
@@ -523,7 +493,9 @@ impl Session {
             return violation("too many capture requests");
         }
         if cap.queue.is_empty() {
-            restart_if_starved(&mut cap.clock, cap.params.as_ref(), now);
+            if let (Some(clock), Some(params)) = (cap.clock.as_mut(), cap.params.as_ref()) {
+                clock.forget_idle(now, params, slack(params));
+            }
         }
         cap.queue.push_back(CaptureReq { buffer, len });
         Ok(())
@@ -541,12 +513,11 @@ impl Session {
         let (Some(mut clock), Some(params)) = (pb.clock, pb.params) else {
             return Ok(());
         };
-        let mut budget = if self.unpaced {
+        let mut budget = if self.pacing.unpaced {
             u64::MAX
         } else {
-            clock.due(now, &params)
+            clock.budget(now, &params, slack(&params))
         };
-        let mut done = Vec::new();
         while budget > 0 {
             let Some(chunk) = pb.queue.front_mut() else {
                 break;
@@ -565,20 +536,10 @@ impl Session {
             clock.done = clock.done.saturating_add(n as u64);
             pb.queued = pb.queued.saturating_sub(n);
             if chunk.pos >= chunk.data.len() {
-                if let Some(b) = chunk.ends {
-                    done.push(b);
-                }
                 pb.queue.pop_front();
             }
         }
         pb.clock = Some(clock);
-        let latency = u32::try_from(pb.queued).unwrap_or(u32::MAX);
-        for buffer in done {
-            self.send(&BrokerMsg::PlaybackDone {
-                buffer,
-                latency_bytes: latency,
-            })?;
-        }
         Ok(())
     }
 
@@ -587,10 +548,16 @@ impl Session {
         let (Some(mut clock), Some(params)) = (self.capture.clock, self.capture.params) else {
             return Ok(());
         };
+        let mut budget = if self.pacing.unpaced {
+            u64::MAX
+        } else {
+            clock.budget(now, &params, slack(&params))
+        };
         while let Some(req) = self.capture.queue.front() {
-            if !self.unpaced && clock.due(now, &params) < u64::from(req.len) {
+            if budget < u64::from(req.len) {
                 break;
             }
+            budget -= u64::from(req.len);
             let (buffer, len) = (req.buffer, req.len as usize);
             self.capture.queue.pop_front();
             clock.done = clock.done.saturating_add(len as u64);
@@ -643,18 +610,6 @@ impl Session {
     }
 }
 
-/// A running stream whose queue ran dry has underrun: the time that passed
-/// with nothing queued is gone. Restart its clock so that new data is paced
-/// from now instead of consumed in a burst.
-fn restart_if_starved(clock: &mut Option<Clock>, params: Option<&PcmParams>, now: Instant) {
-    if let (Some(c), Some(p)) = (clock.as_ref(), params) {
-        if c.due(now, p) > 0 {
-            debug!("underrun: restarting the stream clock");
-            *clock = Some(Clock::new(now));
-        }
-    }
-}
-
 fn describe(m: &DeviceMsg) -> &'static str {
     match m {
         DeviceMsg::Hello { .. } => "hello",
@@ -677,6 +632,7 @@ mod tests {
     #[derive(Default)]
     struct Recorder {
         played: Vec<u8>,
+        discarded: usize,
         capture_calls: usize,
         closes: usize,
     }
@@ -687,6 +643,9 @@ mod tests {
         }
         fn play(&mut self, _p: &PcmParams, data: &[u8]) {
             self.played.extend_from_slice(data);
+        }
+        fn discard(&mut self, _p: &PcmParams, len: usize) {
+            self.discarded += len;
         }
         fn capture(&mut self, _p: &PcmParams, buf: &mut [u8]) {
             self.capture_calls += 1;
@@ -710,6 +669,17 @@ mod tests {
         }
     }
 
+    /// What a stream with [`params`] may run ahead: 250 ms + the buffer.
+    const SLACK: usize = 48_000 + 4 * PERIOD as usize;
+
+    fn paced() -> Pacing {
+        Pacing {
+            unpaced: false,
+            playback_batch_ms: 0,
+            host_capture: true,
+        }
+    }
+
     struct Rig {
         session: Session,
         device: Channel,
@@ -719,9 +689,18 @@ mod tests {
 
     impl Rig {
         fn new(gate: GateState) -> Rig {
+            Rig::with(gate, paced())
+        }
+
+        fn with(gate: GateState, pacing: Pacing) -> Rig {
             let (a, b) = socketpair().unwrap();
-            let session =
-                Session::new(Channel::new(a), crate::audio::raw_capabilities(), gate).unwrap();
+            let session = Session::new(
+                Channel::new(a),
+                crate::audio::raw_capabilities(),
+                gate,
+                pacing,
+            )
+            .unwrap();
             let mut rig = Rig {
                 session,
                 device: Channel::new(b),
@@ -733,21 +712,20 @@ mod tests {
                 version: PROTOCOL_VERSION,
             })
             .unwrap();
-            assert!(matches!(
-                rig.device.try_recv::<BrokerMsg>(),
-                Ok(BrokerMsg::Hello { .. })
-            ));
+            match rig.device.try_recv::<BrokerMsg>() {
+                Ok(BrokerMsg::Hello { pacing: p, .. }) => assert_eq!(p, pacing),
+                other => panic!("expected the broker's hello, got {other:?}"),
+            }
             rig
         }
 
         fn at(&self, ms: u64) -> Instant {
-            self.t0 + Duration::from_micros(ms * 1000)
+            self.t0 + Duration::from_millis(ms)
         }
 
         fn send(&mut self, m: DeviceMsg) -> Result<(), SessionError> {
-            self.device.send(&m).unwrap();
             let now = self.t0;
-            self.session.on_readable(&mut self.audio, now)
+            self.send_at(m, now)
         }
 
         fn send_at(&mut self, m: DeviceMsg, now: Instant) -> Result<(), SessionError> {
@@ -775,236 +753,17 @@ mod tests {
             .unwrap();
             self.send(DeviceMsg::Prepare { direction: d }).unwrap();
         }
-    }
 
-    fn done_ids(msgs: &[BrokerMsg]) -> Vec<u64> {
-        msgs.iter()
-            .filter_map(|m| match m {
-                BrokerMsg::PlaybackDone { buffer, .. } => Some(*buffer),
-                _ => None,
-            })
-            .collect()
-    }
-
-    #[test]
-    fn playback_completes_at_the_real_time_rate_and_not_before_start() {
-        let mut r = Rig::new(GateState {
-            output: true,
-            input: false,
-        });
-        r.stream(Direction::Output);
-        for b in 0..3u64 {
-            r.send(DeviceMsg::Playback {
-                buffer: b,
-                last: true,
-                data: vec![b as u8 + 1; PERIOD as usize],
-            })
-            .unwrap();
+        fn start(&mut self, d: Direction, ms: u64) {
+            let at = self.at(ms);
+            self.send_at(DeviceMsg::Start { direction: d }, at).unwrap();
         }
-        r.tick(r.at(1000));
-        assert!(
-            done_ids(&r.replies()).is_empty(),
-            "nothing may complete before START"
-        );
-        let start = r.at(1000);
-        r.send_at(
-            DeviceMsg::Start {
-                direction: Direction::Output,
-            },
-            start,
-        )
-        .unwrap();
-        assert_eq!(
-            r.session.next_deadline(),
-            Some(start + Duration::from_millis(10))
-        );
-        r.tick(start + Duration::from_micros(9_990));
-        assert!(
-            done_ids(&r.replies()).is_empty(),
-            "a 10 ms period is not done after 9.99 ms"
-        );
-        r.tick(start + Duration::from_millis(10));
-        assert_eq!(done_ids(&r.replies()), vec![0]);
-        r.tick(start + Duration::from_millis(30));
-        assert_eq!(done_ids(&r.replies()), vec![1, 2]);
-        let mut want = vec![1u8; PERIOD as usize];
-        want.extend(vec![2u8; PERIOD as usize]);
-        want.extend(vec![3u8; PERIOD as usize]);
-        assert_eq!(r.audio.played, want, "exactly the guest's bytes, in order");
-    }
 
-    #[test]
-    fn unpaced_for_benchmark_consumes_and_answers_at_once() {
-        let mut r = Rig::new(GateState {
-            output: true,
-            input: true,
-        });
-        r.session.set_unpaced_for_benchmark(true);
-        r.stream(Direction::Output);
-        r.stream(Direction::Input);
-        for d in Direction::ALL {
-            r.send(DeviceMsg::Start { direction: d }).unwrap();
+        fn play(&mut self, bytes: &[u8]) {
+            for c in bytes.chunks(MAX_PCM_CHUNK) {
+                self.send(DeviceMsg::Playback { data: c.to_vec() }).unwrap();
+            }
         }
-        for b in 0..50u64 {
-            r.send(DeviceMsg::Playback {
-                buffer: b,
-                last: true,
-                data: vec![b as u8; PERIOD as usize],
-            })
-            .unwrap();
-            r.send(DeviceMsg::Capture {
-                buffer: 100 + b,
-                len: PERIOD,
-            })
-            .unwrap();
-        }
-        // Half a second of audio each way, at the very instant of START.
-        r.tick(r.at(0));
-        // More than the socket buffer holds: read, let the outbox flush,
-        // read again.
-        let mut replies = r.replies();
-        while r.session.wants_write() {
-            r.session.on_writable().unwrap();
-            replies.extend(r.replies());
-        }
-        assert_eq!(done_ids(&replies), (0..50).collect::<Vec<_>>());
-        let captured = replies
-            .iter()
-            .filter(|m| matches!(m, BrokerMsg::CaptureData { last: true, .. }))
-            .count();
-        assert_eq!(captured, 50, "every capture request answered at once");
-        assert_eq!(r.audio.played.len(), 50 * PERIOD as usize);
-        assert_eq!(r.session.next_deadline(), None, "nothing left to wait for");
-    }
-
-    #[test]
-    fn the_channel_is_watched_unless_both_streams_have_a_deadline_or_idle() {
-        let mut r = Rig::new(GateState {
-            output: true,
-            input: true,
-        });
-        assert!(r.session.must_watch_channel(), "nothing runs: watch");
-        r.stream(Direction::Output);
-        r.send(DeviceMsg::Playback {
-            buffer: 0,
-            last: true,
-            data: vec![1; PERIOD as usize],
-        })
-        .unwrap();
-        r.send(DeviceMsg::Start {
-            direction: Direction::Output,
-        })
-        .unwrap();
-        // Playback has a deadline; capture has not even parameters: its
-        // SET_PARAMS can wait for that deadline.
-        assert!(!r.session.must_watch_channel());
-        r.stream(Direction::Input);
-        assert!(
-            r.session.must_watch_channel(),
-            "a prepared stream waits for its START: watch"
-        );
-        r.send(DeviceMsg::Capture {
-            buffer: 1,
-            len: PERIOD,
-        })
-        .unwrap();
-        r.send(DeviceMsg::Start {
-            direction: Direction::Input,
-        })
-        .unwrap();
-        assert!(
-            !r.session.must_watch_channel(),
-            "both streams have a deadline: messages wait for it"
-        );
-        // Playback runs dry at its deadline: it waits for data.
-        r.tick(r.at(10));
-        assert!(r.session.must_watch_channel(), "a starved stream: watch");
-    }
-
-    #[test]
-    fn output_off_discards_at_the_same_pace() {
-        let mut r = Rig::new(GateState {
-            output: false,
-            input: false,
-        });
-        r.stream(Direction::Output);
-        r.send(DeviceMsg::Playback {
-            buffer: 7,
-            last: true,
-            data: vec![9; PERIOD as usize],
-        })
-        .unwrap();
-        r.send(DeviceMsg::Start {
-            direction: Direction::Output,
-        })
-        .unwrap();
-        r.tick(r.at(5));
-        assert!(done_ids(&r.replies()).is_empty());
-        r.tick(r.at(10));
-        assert_eq!(done_ids(&r.replies()), vec![7]);
-        assert!(
-            r.audio.played.is_empty(),
-            "output off: nothing reaches the host"
-        );
-    }
-
-    #[test]
-    fn stop_pauses_the_clock_and_underrun_restarts_it() {
-        let mut r = Rig::new(GateState {
-            output: true,
-            input: false,
-        });
-        r.stream(Direction::Output);
-        r.send(DeviceMsg::Playback {
-            buffer: 0,
-            last: true,
-            data: vec![0; PERIOD as usize],
-        })
-        .unwrap();
-        r.send(DeviceMsg::Start {
-            direction: Direction::Output,
-        })
-        .unwrap();
-        r.send_at(
-            DeviceMsg::Stop {
-                direction: Direction::Output,
-            },
-            r.at(5),
-        )
-        .unwrap();
-        r.tick(r.at(500));
-        assert!(
-            done_ids(&r.replies()).is_empty(),
-            "a stopped stream does not advance"
-        );
-        r.send_at(
-            DeviceMsg::Start {
-                direction: Direction::Output,
-            },
-            r.at(500),
-        )
-        .unwrap();
-        r.tick(r.at(510));
-        assert_eq!(done_ids(&r.replies()), vec![0]);
-        // The queue ran dry; data arriving 200 ms later is paced from its
-        // arrival, not consumed in a burst.
-        r.tick(r.at(700));
-        r.send_at(
-            DeviceMsg::Playback {
-                buffer: 1,
-                last: true,
-                data: vec![0; PERIOD as usize],
-            },
-            r.at(700),
-        )
-        .unwrap();
-        r.tick(r.at(705));
-        assert!(
-            done_ids(&r.replies()).is_empty(),
-            "no burst after an underrun"
-        );
-        r.tick(r.at(710));
-        assert_eq!(done_ids(&r.replies()), vec![1]);
     }
 
     fn capture_data(msgs: &[BrokerMsg]) -> Vec<(u64, Vec<u8>)> {
@@ -1021,29 +780,177 @@ mod tests {
     }
 
     #[test]
-    fn input_off_gives_paced_silence_and_never_touches_the_host_source() {
+    fn playback_is_played_as_it_arrives_in_order_and_not_before_start() {
+        let mut r = Rig::new(GateState {
+            output: true,
+            input: false,
+        });
+        r.stream(Direction::Output);
+        let mut want = Vec::new();
+        for b in 0..3u8 {
+            want.extend(vec![b + 1; PERIOD as usize]);
+        }
+        r.play(&want);
+        r.tick(r.at(1000));
+        assert!(r.audio.played.is_empty(), "nothing is played before START");
+        r.start(Direction::Output, 1000);
+        r.tick(r.at(1000));
+        assert_eq!(r.audio.played, want, "exactly the guest's bytes, in order");
+        assert_eq!(r.session.next_deadline(), None, "nothing waits");
+    }
+
+    #[test]
+    fn a_device_that_runs_fast_is_held_to_the_real_time_rate() {
+        let mut r = Rig::new(GateState {
+            output: true,
+            input: false,
+        });
+        r.stream(Direction::Output);
+        r.start(Direction::Output, 0);
+        // A whole second of playback at the instant of START.
+        let second: Vec<u8> = (0..192_000u32).map(|i| i as u8).collect();
+        r.play(&second);
+        r.tick(r.at(0));
+        assert_eq!(r.audio.played.len(), SLACK, "only the slack at once");
+        // The rest of the chunk the slack ended in waits for the clock.
+        let rest = (2 * MAX_PCM_CHUNK - SLACK) as u64;
+        assert_eq!(
+            r.session.next_deadline(),
+            Some(r.at(0) + params().time_for(rest)),
+        );
+        r.tick(r.at(100));
+        assert_eq!(
+            r.audio.played.len(),
+            SLACK + 19_200,
+            "then 100 ms per 100 ms"
+        );
+        r.tick(r.at(1000));
+        assert!(r.audio.played == second, "all of it, in order, by 1 s");
+    }
+
+    #[test]
+    fn an_idle_stream_cannot_save_up_a_burst() {
+        let mut r = Rig::new(GateState {
+            output: true,
+            input: false,
+        });
+        r.stream(Direction::Output);
+        r.start(Direction::Output, 0);
+        r.tick(r.at(10_000));
+        let at = r.at(10_000);
+        for c in vec![1; 192_000].chunks(MAX_PCM_CHUNK) {
+            r.send_at(DeviceMsg::Playback { data: c.to_vec() }, at)
+                .unwrap();
+        }
+        r.tick(at);
+        assert_eq!(
+            r.audio.played.len(),
+            2 * SLACK,
+            "after 10 s of silence, at most twice the slack at once"
+        );
+    }
+
+    #[test]
+    fn unpaced_for_benchmark_plays_and_answers_at_once() {
+        let mut r = Rig::with(
+            GateState {
+                output: true,
+                input: true,
+            },
+            Pacing {
+                unpaced: true,
+                ..paced()
+            },
+        );
+        r.stream(Direction::Output);
+        r.stream(Direction::Input);
+        for d in Direction::ALL {
+            r.start(d, 0);
+        }
+        r.play(&vec![7; 50 * PERIOD as usize * 10]);
+        for b in 0..50u64 {
+            r.send(DeviceMsg::Capture {
+                buffer: 100 + b,
+                len: PERIOD,
+            })
+            .unwrap();
+        }
+        // Five seconds of playback, half a second of capture, at START.
+        r.tick(r.at(0));
+        // More than the socket buffer holds: read, let the outbox flush,
+        // read again.
+        let mut replies = r.replies();
+        while r.session.wants_write() {
+            r.session.on_writable().unwrap();
+            replies.extend(r.replies());
+        }
+        assert_eq!(capture_data(&replies).len(), 50, "every request answered");
+        assert_eq!(r.audio.played.len(), 500 * PERIOD as usize);
+        assert_eq!(r.session.next_deadline(), None, "nothing left to wait for");
+    }
+
+    #[test]
+    fn output_off_discards_what_the_device_consumed() {
+        let mut r = Rig::new(GateState {
+            output: false,
+            input: false,
+        });
+        r.stream(Direction::Output);
+        r.start(Direction::Output, 0);
+        r.play(&[9; PERIOD as usize]);
+        r.tick(r.at(10));
+        assert!(
+            r.audio.played.is_empty(),
+            "output off: nothing reaches the host"
+        );
+        assert_eq!(r.audio.discarded, PERIOD as usize);
+    }
+
+    #[test]
+    fn stop_holds_what_waits_for_the_budget() {
+        let mut r = Rig::new(GateState {
+            output: true,
+            input: false,
+        });
+        r.stream(Direction::Output);
+        r.start(Direction::Output, 0);
+        r.play(&vec![1; SLACK + PERIOD as usize]);
+        r.tick(r.at(0));
+        assert_eq!(r.audio.played.len(), SLACK);
+        r.send_at(
+            DeviceMsg::Stop {
+                direction: Direction::Output,
+            },
+            r.at(1),
+        )
+        .unwrap();
+        r.tick(r.at(500));
+        assert_eq!(
+            r.audio.played.len(),
+            SLACK,
+            "a stopped stream plays nothing"
+        );
+        r.start(Direction::Output, 500);
+        r.tick(r.at(500));
+        assert_eq!(r.audio.played.len(), SLACK + PERIOD as usize);
+    }
+
+    #[test]
+    fn input_off_gives_silence_and_never_touches_the_host_source() {
         let mut r = Rig::new(GateState {
             output: true,
             input: false,
         });
         r.stream(Direction::Input);
-        for b in 0..4u64 {
+        r.start(Direction::Input, 0);
+        for b in 0..2u64 {
             r.send(DeviceMsg::Capture {
                 buffer: b,
                 len: PERIOD,
             })
             .unwrap();
         }
-        r.send(DeviceMsg::Start {
-            direction: Direction::Input,
-        })
-        .unwrap();
-        r.tick(r.at(9));
-        assert!(
-            capture_data(&r.replies()).is_empty(),
-            "not filled before its period has passed"
-        );
-        r.tick(r.at(20));
+        r.tick(r.at(10));
         let got = capture_data(&r.replies());
         assert_eq!(got.len(), 2);
         assert!(got
@@ -1053,7 +960,7 @@ mod tests {
             r.audio.capture_calls, 0,
             "the host source is not used while input is off"
         );
-        // Input on: the next period carries host samples.
+        // Input on: the next request is answered with host samples.
         r.session
             .set_gate(
                 GateState {
@@ -1067,10 +974,15 @@ mod tests {
             output: true,
             input: true
         })));
-        r.tick(r.at(30));
+        r.send(DeviceMsg::Capture {
+            buffer: 2,
+            len: PERIOD,
+        })
+        .unwrap();
+        r.tick(r.at(20));
         let got = capture_data(&r.replies());
         assert_eq!(got, vec![(2, vec![0x55; PERIOD as usize])]);
-        // Off again: silence from the next period, and the source is closed.
+        // Off again: silence for the next request, and the source is closed.
         r.session
             .set_gate(
                 GateState {
@@ -1081,9 +993,41 @@ mod tests {
             )
             .unwrap();
         assert_eq!(r.audio.closes, 1);
-        r.tick(r.at(40));
+        r.send(DeviceMsg::Capture {
+            buffer: 3,
+            len: PERIOD,
+        })
+        .unwrap();
+        r.tick(r.at(30));
         let got = capture_data(&r.replies());
         assert_eq!(got, vec![(3, vec![0; PERIOD as usize])]);
+    }
+
+    #[test]
+    fn capture_requests_beyond_the_budget_wait_for_the_clock() {
+        let mut r = Rig::new(GateState {
+            output: true,
+            input: true,
+        });
+        r.stream(Direction::Input);
+        r.start(Direction::Input, 0);
+        // A second of requests at once: a device trying to read ahead.
+        for b in 0..100u64 {
+            r.send(DeviceMsg::Capture {
+                buffer: b,
+                len: PERIOD,
+            })
+            .unwrap();
+        }
+        r.tick(r.at(0));
+        let first = capture_data(&r.replies()).len();
+        assert_eq!(first, SLACK / PERIOD as usize, "only the slack at once");
+        r.tick(r.at(100));
+        assert_eq!(
+            capture_data(&r.replies()).len(),
+            10,
+            "then ten 10 ms buffers per 100 ms"
+        );
     }
 
     #[test]
@@ -1093,13 +1037,10 @@ mod tests {
             input: true,
         });
         r.stream(Direction::Input);
+        r.start(Direction::Input, 0);
         r.send(DeviceMsg::Capture {
             buffer: 0,
             len: PERIOD,
-        })
-        .unwrap();
-        r.send(DeviceMsg::Start {
-            direction: Direction::Input,
         })
         .unwrap();
         r.tick(r.at(10));
@@ -1123,18 +1064,11 @@ mod tests {
             r.at(12),
         )
         .unwrap();
-        r.send_at(
-            DeviceMsg::Start {
-                direction: Direction::Input,
-            },
-            r.at(20),
-        )
-        .unwrap();
+        r.tick(r.at(15));
+        assert_eq!(r.audio.capture_calls, 1, "not answered while stopped");
+        r.start(Direction::Input, 20);
         r.tick(r.at(30));
-        assert_eq!(
-            r.audio.capture_calls, 2,
-            "reopened on the next period after START"
-        );
+        assert_eq!(r.audio.capture_calls, 2, "reopened after START");
     }
 
     #[test]
@@ -1147,11 +1081,7 @@ mod tests {
             ),
             (
                 "playback before prepare",
-                vec![DeviceMsg::Playback {
-                    buffer: 0,
-                    last: true,
-                    data: vec![1],
-                }],
+                vec![DeviceMsg::Playback { data: vec![1] }],
             ),
             (
                 "second hello",
@@ -1203,8 +1133,6 @@ mod tests {
                         direction: Direction::Output,
                     },
                     DeviceMsg::Playback {
-                        buffer: 0,
-                        last: false,
                         data: vec![0; MAX_PCM_CHUNK + 1],
                     },
                 ],
@@ -1219,7 +1147,7 @@ mod tests {
             for m in msgs {
                 // An oversized chunk cannot even be encoded by the codec;
                 // send its raw frame.
-                if let DeviceMsg::Playback { data, .. } = &m {
+                if let DeviceMsg::Playback { data } = &m {
                     if data.len() > MAX_PCM_CHUNK {
                         let frame =
                             bincode::encode_to_vec(&m, bincode::config::standard()).unwrap();
@@ -1249,21 +1177,12 @@ mod tests {
         });
         r.stream(Direction::Output);
         for _ in 0..MAX_QUEUED_PLAYBACK_CHUNKS {
-            r.send(DeviceMsg::Playback {
-                buffer: 0,
-                last: false,
-                data: Vec::new(),
-            })
-            .unwrap();
+            r.send(DeviceMsg::Playback { data: Vec::new() }).unwrap();
         }
-        let res = r.send(DeviceMsg::Playback {
-            buffer: 0,
-            last: false,
-            data: Vec::new(),
-        });
+        let res = r.send(DeviceMsg::Playback { data: Vec::new() });
         assert!(
             matches!(res, Err(SessionError::Violation(_))),
-            "chunk {} of an endless empty buffer: got {res:?}",
+            "chunk {} of endless empty playback: got {res:?}",
             MAX_QUEUED_PLAYBACK_CHUNKS + 1
         );
     }
@@ -1298,6 +1217,7 @@ mod tests {
                 output: true,
                 input: false,
             },
+            paced(),
         )
         .unwrap();
         let dev = Channel::new(b);

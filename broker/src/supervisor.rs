@@ -19,7 +19,7 @@ use nix::poll::{PollFd, PollFlags};
 use nix::sys::signal::{SigSet, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
 use nix::sys::time::TimeSpec;
-use vsnd_ipc::{socketpair, Channel};
+use vsnd_ipc::{socketpair, Channel, Pacing};
 
 use crate::audio::Audio;
 use crate::cli::SeccompMode;
@@ -279,14 +279,16 @@ impl Supervisor {
 
     fn serve(&mut self, mut child: Child, ch: Channel, log: &mut DeviceLog) -> DeviceEnd {
         let mut log_open = true;
-        let mut session = match Session::new(ch, self.audio.capabilities(), self.gate.state()) {
-            Ok(s) => s,
-            Err(e) => return stop_device(&mut child, Some(e.to_string())),
+        let pacing = Pacing {
+            unpaced: self.unpaced,
+            playback_batch_ms: self.audio.playback_batch_ms(),
+            host_capture: self.audio.has_capture_source(),
         };
-        session.set_unpaced_for_benchmark(self.unpaced);
-        // Whether the last poll watched the channel for messages; when it
-        // did not, what arrived meanwhile is read before the clocks tick.
-        let mut watched = true;
+        let mut session =
+            match Session::new(ch, self.audio.capabilities(), self.gate.state(), pacing) {
+                Ok(s) => s,
+                Err(e) => return stop_device(&mut child, Some(e.to_string())),
+            };
         // The device is announced (readiness) once it has said hello: it
         // does so only after it has sandboxed itself, with the listener.
         let mut announced = false;
@@ -298,11 +300,6 @@ impl Supervisor {
                 }
             }
             let now = Instant::now();
-            if !watched {
-                if let Err(e) = session.on_readable(self.audio.as_mut(), now) {
-                    return self.session_failed(&mut child, e);
-                }
-            }
             if let Err(e) = session.on_tick(self.audio.as_mut(), now) {
                 return self.session_failed(&mut child, e);
             }
@@ -312,15 +309,7 @@ impl Supervisor {
                 self.audio.next_deadline(),
             ]);
             let timeout = wake.map(|d| TimeSpec::from_duration(d.saturating_duration_since(now)));
-            // While both streams have a deadline, the device's messages wait
-            // for it (one wake-up per period instead of two); a hang-up is
-            // reported either way.
-            watched = session.must_watch_channel();
-            let mut flags = if watched {
-                PollFlags::POLLIN
-            } else {
-                PollFlags::empty()
-            };
+            let mut flags = PollFlags::POLLIN;
             if session.wants_write() {
                 flags |= PollFlags::POLLOUT;
             }

@@ -1,11 +1,26 @@
 //! The vhost-user backend: moves guest buffers between the virtqueues and
-//! the broker. One worker thread handles all four queues and the broker
-//! channel, so there is no locking between them.
+//! the broker. One worker thread handles all four queues, the broker
+//! channel and the pacing timer, so there is no locking between them.
+//!
+//! The device paces the guest: from START on, a playback buffer goes back
+//! to the guest when the stream's real-time clock has advanced by its
+//! length (its bytes then go to the broker, which plays them), and a
+//! capture buffer is filled when its length has come due — with silence by
+//! the device itself while input is off or the backend has no source, and
+//! otherwise with what the broker answers. One timer wake-up per period
+//! serves both directions; the broker wakes only for batches of playback
+//! and for capture requests while a real source is on. The broker meters
+//! both directions against its own clock, so a rogue device gains nothing
+//! by running fast.
 
 use std::collections::VecDeque;
 use std::io;
+use std::os::fd::{AsFd, AsRawFd, RawFd};
+use std::time::Duration;
 
 use log::{debug, error, info, warn};
+use nix::sys::time::TimeSpec;
+use nix::sys::timerfd::{ClockId, Expiration, TimerFd, TimerFlags, TimerSetTimeFlags};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::{VhostUserBackendMut, VringRwLock, VringT};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
@@ -17,8 +32,8 @@ use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
 use vsnd_ipc::{
-    BrokerMsg, Channel, ChannelError, DeviceMsg, Direction, GateState, MAX_BUFFER_BYTES,
-    MAX_PCM_CHUNK, MAX_PENDING_CAPTURE, MAX_QUEUED_PLAYBACK_BYTES,
+    BrokerMsg, Channel, ChannelError, DeviceMsg, Direction, GateState, Pacing, PcmParams,
+    MAX_BUFFER_BYTES, MAX_PCM_CHUNK, MAX_PENDING_CAPTURE, MAX_QUEUED_PLAYBACK_BYTES,
 };
 
 use crate::control::{stream_direction, SndModel, JACKS};
@@ -29,6 +44,9 @@ use vsnd_ipc::lifecycle::PcmState;
 /// Event id of the broker channel on the worker's epoll (ids up to
 /// NUM_QUEUES are reserved by vhost-user-backend).
 pub const BROKER_EVENT: u16 = NUM_QUEUES as u16 + 1;
+
+/// Event id of the pacing timer on the worker's epoll.
+pub const TIMER_EVENT: u16 = NUM_QUEUES as u16 + 2;
 
 /// Largest virtqueue the device accepts.
 const MAX_QUEUE_SIZE: usize = 256;
@@ -42,29 +60,22 @@ const MAX_EVENT_BACKLOG: usize = 64;
 /// Broker messages handled per wakeup before the queues get a turn.
 const MAX_BROKER_BATCH: usize = 256;
 
-/// Playback bytes the device lets queue at the broker; past this the guest
-/// gets IO_ERR (the broker's own, larger, limit is never reached).
+/// Playback bytes the guest may have waiting at the device; past this the
+/// guest gets IO_ERR (the broker's own, larger, limit is never reached).
 const MAX_DEVICE_QUEUED_PLAYBACK: u64 = (MAX_QUEUED_PLAYBACK_BYTES / 2) as u64;
 
 /// Pending transfers per queue; a guest that re-publishes heads it has not
 /// got back cannot grow the lists past this.
 const MAX_PENDING_TX: usize = 1024;
 
-/// With EVENT_IDX, a transfer queue whose stream has at least this many
-/// buffers waiting at the broker is not kicked: the broker will wake the
-/// device when the first of them is done, while the others (two periods or
-/// more) still play, and the device drains the queue then. Saves one
-/// wake-up of the device per period; with fewer buffers queued the guest
-/// kicks as usual, so the broker's cushion never shrinks below two buffers
-/// because of it.
-const DEFER_KICKS_AT: usize = 3;
-
 type Mem = GuestMemoryAtomic<GuestMemoryMmap>;
 
 struct PendingTx {
-    buffer: u64,
     head: u16,
     bytes: u64,
+    /// The whole readable part: the transfer header, then the PCM bytes,
+    /// read when the buffer is consumed.
+    readable: Sg,
     writable: Sg,
 }
 
@@ -74,6 +85,57 @@ struct PendingRx {
     len: u32,
     written: u32,
     writable: Sg,
+    /// The broker was asked for its data (the buffer is due and waits for
+    /// the answer).
+    asked: bool,
+}
+
+/// The real-time clock of one running stream, on CLOCK_MONOTONIC.
+#[derive(Debug, Clone, Copy)]
+struct StreamClock {
+    anchor: Duration,
+    /// Bytes accounted since `anchor`.
+    done: u64,
+}
+
+impl StreamClock {
+    fn new(now: Duration) -> Self {
+        StreamClock {
+            anchor: now,
+            done: 0,
+        }
+    }
+
+    /// Bytes due by `now` and not yet accounted.
+    fn due(&self, now: Duration, p: &PcmParams) -> u64 {
+        p.bytes_in(now.saturating_sub(self.anchor))
+            .saturating_sub(self.done)
+    }
+
+    /// When `more` bytes beyond those accounted will be due.
+    fn when(&self, more: u64, p: &PcmParams) -> Duration {
+        self.anchor
+            .saturating_add(p.time_for(self.done.saturating_add(more)))
+    }
+}
+
+/// CLOCK_MONOTONIC now, the clock of the timer and of both streams.
+fn monotonic() -> Duration {
+    match nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC) {
+        Ok(ts) => Duration::new(
+            u64::try_from(ts.tv_sec()).unwrap_or(0),
+            u32::try_from(ts.tv_nsec()).unwrap_or(0),
+        ),
+        // Cannot fail for CLOCK_MONOTONIC; a zero time only delays pacing.
+        Err(_) => Duration::ZERO,
+    }
+}
+
+fn dir_index(d: Direction) -> usize {
+    match d {
+        Direction::Output => 0,
+        Direction::Input => 1,
+    }
 }
 
 /// The virtio-snd device.
@@ -82,6 +144,7 @@ pub struct SndBackend {
     event_idx: bool,
     model: SndModel,
     gate: GateState,
+    pacing: Pacing,
     broker: Channel,
     next_buffer: u64,
     tx_pending: VecDeque<PendingTx>,
@@ -90,21 +153,41 @@ pub struct SndBackend {
     event_buffers: VecDeque<(u16, Sg)>,
     event_backlog: VecDeque<[u8; EVENT_SIZE]>,
     to_signal: [bool; NUM_QUEUES],
-    /// Queues whose kicks are deferred (see [`DEFER_KICKS_AT`]).
-    kicks_deferred: [bool; NUM_QUEUES],
+    /// Transfer queues whose kicks are off: the stream runs and has a
+    /// deadline, at which the device looks at the queue anyway.
+    kicks_off: [bool; NUM_QUEUES],
+    /// Per direction (output, input): the clock while the stream runs.
+    clocks: [Option<StreamClock>; 2],
+    /// Consumed playback not yet sent to the broker.
+    played: Vec<u8>,
+    timer: TimerFd,
+    /// What the timer is set to; `None` when disarmed.
+    armed: Option<Duration>,
+    /// The timer fired and has not been set since (it stays readable).
+    timer_fired: bool,
     scratch: Vec<u8>,
     exit: (EventConsumer, EventNotifier),
 }
 
 impl SndBackend {
     /// A device answering the guest from `model`, talking to the broker on
-    /// `broker` (hello already exchanged).
-    pub fn new(model: SndModel, gate: GateState, broker: Channel) -> io::Result<Self> {
+    /// `broker` (hello already exchanged), pacing as the broker asked.
+    pub fn new(
+        model: SndModel,
+        gate: GateState,
+        pacing: Pacing,
+        broker: Channel,
+    ) -> io::Result<Self> {
+        let timer = TimerFd::new(
+            ClockId::CLOCK_MONOTONIC,
+            TimerFlags::TFD_NONBLOCK | TimerFlags::TFD_CLOEXEC,
+        )?;
         Ok(SndBackend {
             mem: None,
             event_idx: false,
             model,
             gate,
+            pacing,
             broker,
             next_buffer: 0,
             tx_pending: VecDeque::new(),
@@ -113,10 +196,21 @@ impl SndBackend {
             event_buffers: VecDeque::new(),
             event_backlog: VecDeque::new(),
             to_signal: [false; NUM_QUEUES],
-            kicks_deferred: [false; NUM_QUEUES],
+            kicks_off: [false; NUM_QUEUES],
+            clocks: [None; 2],
+            played: Vec::new(),
+            timer,
+            armed: None,
+            timer_fired: false,
             scratch: Vec::new(),
             exit: new_event_consumer_and_notifier(EventFlag::NONBLOCK)?,
         })
+    }
+
+    /// The pacing timer's descriptor, for the worker's epoll
+    /// ([`TIMER_EVENT`]).
+    pub fn timer_fd(&self) -> RawFd {
+        self.timer.as_fd().as_raw_fd()
     }
 
     fn send(&self, msg: &DeviceMsg) {
@@ -187,13 +281,14 @@ impl SndBackend {
             if !self.event_idx {
                 break;
             }
-            let defer = self.can_defer_kicks(q);
-            if let Some(d) = self.kicks_deferred.get_mut(usize::from(q)) {
-                *d = defer;
+            let off = self.has_deadline(q);
+            if let Some(k) = self.kicks_off.get_mut(usize::from(q)) {
+                *k = off;
             }
-            if defer {
-                // Not re-enabled: the guest stops kicking this queue until
-                // the device drains it at the broker's next message.
+            if off {
+                // Not re-enabled: the guest stops kicking this queue while
+                // its stream has a deadline, when the device drains the
+                // queue anyway.
                 break;
             }
             match vring.enable_notification() {
@@ -207,32 +302,31 @@ impl SndBackend {
         }
     }
 
-    /// Whether queue `q` can do without kicks for now (see
-    /// [`DEFER_KICKS_AT`]).
-    fn can_defer_kicks(&self, q: u16) -> bool {
+    /// Whether transfer queue `q`'s stream runs and has a buffer coming
+    /// due, so that the timer will wake the device for it.
+    fn has_deadline(&self, q: u16) -> bool {
         match q {
-            TX_QUEUE => self.tx_pending.len() >= DEFER_KICKS_AT,
-            RX_QUEUE => self.rx_pending.len() >= DEFER_KICKS_AT,
+            TX_QUEUE => self.tx_deadline().is_some(),
+            RX_QUEUE => self.rx_deadline().is_some(),
             _ => false,
         }
     }
 
-    /// Queues whose kicks are deferred but that no longer have enough
-    /// buffers at the broker: kicks on again (and what came meanwhile is
-    /// taken).
+    /// Transfer queues whose kicks are off but whose stream no longer has a
+    /// deadline: kicks on again (and what came meanwhile is taken).
     fn rearm_kicks(&mut self, vrings: &[VringRwLock]) {
         for q in [TX_QUEUE, RX_QUEUE] {
-            if self.kicks_deferred.get(usize::from(q)) == Some(&true) && !self.can_defer_kicks(q) {
+            if self.kicks_off.get(usize::from(q)) == Some(&true) && !self.has_deadline(q) {
                 self.process_queue(q, vrings);
             }
         }
     }
 
-    /// Drain the queues whose kicks are deferred (and re-enable their kicks
-    /// once too few of their buffers wait at the broker).
-    fn drain_deferred(&mut self, vrings: &[VringRwLock]) {
+    /// Take what the guest published on transfer queues whose kicks are
+    /// off.
+    fn drain_quiet(&mut self, vrings: &[VringRwLock]) {
         for q in [TX_QUEUE, RX_QUEUE] {
-            if self.kicks_deferred.get(usize::from(q)) == Some(&true) {
+            if self.kicks_off.get(usize::from(q)) == Some(&true) {
                 self.process_queue(q, vrings);
             }
         }
@@ -306,9 +400,29 @@ impl SndBackend {
         // always precedes the guest's reaction to the answer.
         if let Some(effect) = outcome.effect {
             debug!("control: {effect:?}");
+            // What the guest's clock consumed before a STOP or RELEASE
+            // reaches the broker before it.
+            if matches!(
+                effect,
+                DeviceMsg::Stop {
+                    direction: Direction::Output
+                } | DeviceMsg::Release {
+                    direction: Direction::Output
+                }
+            ) {
+                self.flush_played();
+            }
             self.send(&effect);
-            if let DeviceMsg::Release { direction } = effect {
-                self.complete_all(direction, mem, vrings);
+            match effect {
+                DeviceMsg::Start { direction } => {
+                    self.clocks[dir_index(direction)] = Some(StreamClock::new(monotonic()));
+                }
+                DeviceMsg::Stop { direction } => self.clocks[dir_index(direction)] = None,
+                DeviceMsg::Release { direction } => {
+                    self.clocks[dir_index(direction)] = None;
+                    self.complete_all(direction, mem, vrings);
+                }
+                _ => {}
             }
         }
         self.complete(vrings, CONTROL_QUEUE, head, len);
@@ -411,40 +525,32 @@ impl SndBackend {
             warn!("tx: too much playback queued; refusing a buffer");
             return self.refuse(mem, vrings, TX_QUEUE, head, &c.writable, Status::IoErr);
         }
-        let mut data = std::mem::take(&mut self.scratch);
-        data.resize(payload as usize, 0);
-        if c.readable
-            .read_at(mem, PCM_XFER_SIZE as u64, &mut data)
-            .is_err()
-        {
-            self.scratch = data;
-            return self.refuse(mem, vrings, TX_QUEUE, head, &c.writable, Status::BadMsg);
+        if self.tx_pending.is_empty() {
+            self.restart_if_starved(Direction::Output);
         }
-        let buffer = self.next_id();
-        if data.is_empty() {
-            self.send(&DeviceMsg::Playback {
-                buffer,
-                last: true,
-                data: Vec::new(),
-            });
-        }
-        let mut chunks = data.chunks(MAX_PCM_CHUNK).peekable();
-        while let Some(chunk) = chunks.next() {
-            let last = chunks.peek().is_none();
-            self.send(&DeviceMsg::Playback {
-                buffer,
-                last,
-                data: chunk.to_vec(),
-            });
-        }
-        self.scratch = data;
         self.tx_queued_bytes = self.tx_queued_bytes.saturating_add(payload);
         self.tx_pending.push_back(PendingTx {
-            buffer,
             head,
             bytes: payload,
+            readable: c.readable,
             writable: c.writable,
         });
+    }
+
+    /// A running stream whose queue ran dry has underrun: the time that
+    /// passed with nothing queued is gone. Its clock restarts, so that the
+    /// new buffer is paced from now instead of returned at once.
+    fn restart_if_starved(&mut self, d: Direction) {
+        let Some(params) = self.model.stream(d).params().copied() else {
+            return;
+        };
+        let now = monotonic();
+        if let Some(clock) = self.clocks[dir_index(d)].as_mut() {
+            if clock.due(now, &params) > 0 {
+                debug!("{d}: underrun; the stream clock restarts");
+                *clock = StreamClock::new(now);
+            }
+        }
     }
 
     fn rx(&mut self, mem: &GuestMemoryMmap, vrings: &[VringRwLock], head: u16, c: Chain) {
@@ -463,15 +569,17 @@ impl SndBackend {
             warn!("rx: {MAX_PENDING_CAPTURE} buffers already pending; refusing a buffer");
             return self.refuse(mem, vrings, RX_QUEUE, head, &c.writable, Status::IoErr);
         }
+        if self.rx_pending.iter().all(|p| p.asked) {
+            self.restart_if_starved(Direction::Input);
+        }
         let buffer = self.next_id();
-        let len = len as u32;
-        self.send(&DeviceMsg::Capture { buffer, len });
         self.rx_pending.push_back(PendingRx {
             buffer,
             head,
-            len,
+            len: len as u32,
             written: 0,
             writable: c.writable,
+            asked: false,
         });
     }
 
@@ -482,7 +590,7 @@ impl SndBackend {
             Direction::Output => {
                 self.tx_queued_bytes = 0;
                 while let Some(p) = self.tx_pending.pop_front() {
-                    self.finish_tx(p, 0, mem, vrings);
+                    self.finish_tx(p, Status::Ok, 0, mem, vrings);
                 }
             }
             Direction::Input => {
@@ -496,12 +604,13 @@ impl SndBackend {
     fn finish_tx(
         &mut self,
         p: PendingTx,
+        st: Status,
         latency: u32,
         mem: &GuestMemoryMmap,
         vrings: &[VringRwLock],
     ) {
-        let len = write_status(mem, &p.writable, Status::Ok, latency)
-            .map_or(0, |()| PCM_STATUS_SIZE as u32);
+        let len =
+            write_status(mem, &p.writable, st, latency).map_or(0, |()| PCM_STATUS_SIZE as u32);
         self.complete(vrings, TX_QUEUE, p.head, len);
     }
 
@@ -509,6 +618,174 @@ impl SndBackend {
         let len = write_status(mem, &p.writable, Status::Ok, 0)
             .map_or(0, |()| p.written.saturating_add(PCM_STATUS_SIZE as u32));
         self.complete(vrings, RX_QUEUE, p.head, len);
+    }
+
+    /// Return the playback buffers and fill, or ask the broker for, the
+    /// capture buffers that the streams' clocks have made due by now.
+    fn pace(&mut self, vrings: &[VringRwLock]) {
+        let Some(atomic) = self.mem.clone() else {
+            return;
+        };
+        let mem = atomic.memory();
+        let now = monotonic();
+        self.pace_output(&mem, vrings, now);
+        self.pace_input(&mem, vrings, now);
+    }
+
+    fn pace_output(&mut self, mem: &GuestMemoryMmap, vrings: &[VringRwLock], now: Duration) {
+        let Some(params) = self.model.stream(Direction::Output).params().copied() else {
+            return;
+        };
+        let Some(mut clock) = self.clocks[0] else {
+            return;
+        };
+        while let Some(front) = self.tx_pending.front() {
+            if !self.pacing.unpaced && clock.due(now, &params) < front.bytes {
+                break;
+            }
+            let Some(p) = self.tx_pending.pop_front() else {
+                break;
+            };
+            clock.done = clock.done.saturating_add(p.bytes);
+            self.tx_queued_bytes = self.tx_queued_bytes.saturating_sub(p.bytes);
+            // The bytes are read now, when the guest's clock consumes them.
+            let at = self.played.len();
+            self.played
+                .resize(at.saturating_add(usize::try_from(p.bytes).unwrap_or(0)), 0);
+            let read = match self.played.get_mut(at..) {
+                Some(dst) => p.readable.read_at(mem, PCM_XFER_SIZE as u64, dst).is_ok(),
+                None => false,
+            };
+            let st = if read {
+                Status::Ok
+            } else {
+                self.played.truncate(at);
+                Status::BadMsg
+            };
+            let latency = u32::try_from(self.tx_queued_bytes).unwrap_or(u32::MAX);
+            self.finish_tx(p, st, latency, mem, vrings);
+        }
+        self.clocks[0] = Some(clock);
+        let batch = if self.pacing.playback_batch_ms == 0 {
+            0
+        } else {
+            let bytes = params.bytes_per_second() * u64::from(self.pacing.playback_batch_ms) / 1000;
+            usize::try_from(bytes)
+                .unwrap_or(usize::MAX)
+                .min(MAX_PCM_CHUNK)
+        };
+        if self.played.len() >= batch || self.tx_pending.is_empty() {
+            self.flush_played();
+        }
+    }
+
+    fn pace_input(&mut self, mem: &GuestMemoryMmap, vrings: &[VringRwLock], now: Duration) {
+        let Some(params) = self.model.stream(Direction::Input).params().copied() else {
+            return;
+        };
+        let Some(mut clock) = self.clocks[1] else {
+            return;
+        };
+        // Without a host source, or while input is off, the answer would be
+        // silence: the device writes it itself. Buffers the broker was
+        // asked for come first (answers arrive in order), so a buffer
+        // behind one of them is asked for too, to stay in order.
+        let silent = !self.pacing.host_capture || !self.gate.input;
+        let mut i = 0;
+        while let Some(p) = self.rx_pending.get(i) {
+            if p.asked {
+                i += 1;
+                continue;
+            }
+            if !self.pacing.unpaced && clock.due(now, &params) < u64::from(p.len) {
+                break;
+            }
+            clock.done = clock.done.saturating_add(u64::from(p.len));
+            if silent && i == 0 {
+                let Some(mut p) = self.rx_pending.pop_front() else {
+                    break;
+                };
+                let mut data = std::mem::take(&mut self.scratch);
+                data.clear();
+                data.resize(p.len as usize, 0);
+                params.format.fill_silence(&mut data);
+                if p.writable.write_at(mem, 0, &data).is_ok() {
+                    p.written = p.len;
+                }
+                self.scratch = data;
+                self.finish_rx(p, mem, vrings);
+            } else {
+                let (buffer, len) = (p.buffer, p.len);
+                if let Some(p) = self.rx_pending.get_mut(i) {
+                    p.asked = true;
+                }
+                self.send(&DeviceMsg::Capture { buffer, len });
+                i += 1;
+            }
+        }
+        self.clocks[1] = Some(clock);
+    }
+
+    /// Send the consumed playback to the broker.
+    fn flush_played(&mut self) {
+        if self.played.is_empty() {
+            return;
+        }
+        let played = std::mem::take(&mut self.played);
+        for chunk in played.chunks(MAX_PCM_CHUNK) {
+            self.send(&DeviceMsg::Playback {
+                data: chunk.to_vec(),
+            });
+        }
+        self.played = played;
+        self.played.clear();
+    }
+
+    /// When the front playback buffer comes due, if the stream runs.
+    fn tx_deadline(&self) -> Option<Duration> {
+        if self.pacing.unpaced {
+            return None;
+        }
+        let clock = self.clocks[0]?;
+        let params = self.model.stream(Direction::Output).params()?;
+        let front = self.tx_pending.front()?;
+        Some(clock.when(front.bytes, params))
+    }
+
+    /// When the first capture buffer not yet asked for comes due, if the
+    /// stream runs.
+    fn rx_deadline(&self) -> Option<Duration> {
+        if self.pacing.unpaced {
+            return None;
+        }
+        let clock = self.clocks[1]?;
+        let params = self.model.stream(Direction::Input).params()?;
+        let first = self.rx_pending.iter().find(|p| !p.asked)?;
+        Some(clock.when(u64::from(first.len), params))
+    }
+
+    /// Set the timer to the earliest deadline, or disarm it.
+    fn arm_timer(&mut self) {
+        let next = match (self.tx_deadline(), self.rx_deadline()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        if next == self.armed && !self.timer_fired {
+            return;
+        }
+        let set = match next {
+            // A zero expiration would disarm the timer instead.
+            Some(at) => self.timer.set(
+                Expiration::OneShot(TimeSpec::from_duration(at.max(Duration::from_nanos(1)))),
+                TimerSetTimeFlags::TFD_TIMER_ABSTIME,
+            ),
+            None => self.timer.unset(),
+        };
+        if let Err(e) = set {
+            error!("cannot set the pacing timer: {e}");
+        }
+        self.armed = next;
+        self.timer_fired = false;
     }
 
     /// Read what the broker sent and complete buffers accordingly.
@@ -543,26 +820,6 @@ impl SndBackend {
 
     fn broker_msg(&mut self, msg: BrokerMsg, mem: &GuestMemoryMmap, vrings: &[VringRwLock]) {
         match msg {
-            BrokerMsg::PlaybackDone {
-                buffer,
-                latency_bytes,
-            } => {
-                // Buffers complete in order; anything older was released.
-                while let Some(front) = self.tx_pending.front() {
-                    if front.buffer > buffer {
-                        break;
-                    }
-                    let Some(p) = self.tx_pending.pop_front() else {
-                        break;
-                    };
-                    self.tx_queued_bytes = self.tx_queued_bytes.saturating_sub(p.bytes);
-                    let done = p.buffer == buffer;
-                    self.finish_tx(p, latency_bytes, mem, vrings);
-                    if done {
-                        break;
-                    }
-                }
-            }
             BrokerMsg::CaptureData { buffer, last, data } => {
                 let Some(p) = self.rx_pending.iter_mut().find(|p| p.buffer == buffer) else {
                     return; // released meanwhile
@@ -617,8 +874,8 @@ impl SndBackend {
     /// A queue was stopped by the frontend (device reset, VM shutdown): its
     /// buffers are gone, and so is the stream it carried.
     fn queue_stopped(&mut self, q: u16) {
-        if let Some(d) = self.kicks_deferred.get_mut(usize::from(q)) {
-            *d = false;
+        if let Some(k) = self.kicks_off.get_mut(usize::from(q)) {
+            *k = false;
         }
         let dir = match q {
             TX_QUEUE => Direction::Output,
@@ -631,11 +888,13 @@ impl SndBackend {
         };
         match dir {
             Direction::Output => {
+                self.flush_played();
                 self.tx_pending.clear();
                 self.tx_queued_bytes = 0;
             }
             Direction::Input => self.rx_pending.clear(),
         }
+        self.clocks[dir_index(dir)] = None;
         // Walk the broker's copy of the stream along legal transitions to
         // Released, so both sides agree again.
         match self.model.reset_stream(dir) {
@@ -739,24 +998,29 @@ impl VhostUserBackendMut for SndBackend {
         match device_event {
             CONTROL_QUEUE => {
                 // Transfers the guest published before this request are
-                // seen before it, deferred kicks or not.
-                self.drain_deferred(vrings);
+                // seen before it, kicks or not.
+                self.drain_quiet(vrings);
                 self.process_queue(CONTROL_QUEUE, vrings)
             }
             q @ (EVENT_QUEUE | TX_QUEUE | RX_QUEUE) => self.process_queue(q, vrings),
             BROKER_EVENT => {
-                // What the guest queued without kicking goes to the broker
-                // first, so that nothing is left to do once the guest has
-                // been told about its buffers (it may need this CPU).
-                self.drain_deferred(vrings);
+                self.drain_quiet(vrings);
                 self.broker_event(evset, vrings)
+            }
+            TIMER_EVENT => {
+                self.timer_fired = true;
+                // Both transfer queues, kicks off or not: what the guest
+                // published is queued before the clocks take their due.
+                self.process_queue(TX_QUEUE, vrings);
+                self.process_queue(RX_QUEUE, vrings);
             }
             other => debug!("unexpected event {other}"),
         }
-        self.signal_all(vrings);
-        // Kicks back on where too few buffers wait at the broker now.
+        self.pace(vrings);
+        // Kicks back on where no deadline is left to look at the queue.
         self.rearm_kicks(vrings);
         self.signal_all(vrings);
+        self.arm_timer();
         // Never an error: an error would end the worker thread.
         Ok(())
     }
@@ -787,7 +1051,13 @@ mod tests {
             channels_max: 2,
         };
         let (dev, broker) = vsnd_ipc::socketpair().unwrap();
-        let mut b = SndBackend::new(SndModel::new(&caps, gate), gate, Channel::new(dev)).unwrap();
+        let pacing = Pacing {
+            unpaced: false,
+            playback_batch_ms: 0,
+            host_capture: true,
+        };
+        let mut b =
+            SndBackend::new(SndModel::new(&caps, gate), gate, pacing, Channel::new(dev)).unwrap();
         b.set_event_idx(true);
         b.update_memory(atomic.clone()).unwrap();
         let vrings = (0..NUM_QUEUES as u64)

@@ -15,7 +15,7 @@ use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 use vsnd_ipc::{BrokerMsg, Channel, DeviceMsg, MAGIC, PROTOCOL_VERSION};
 
-use vsnd_device::backend::{SndBackend, BROKER_EVENT};
+use vsnd_device::backend::{SndBackend, BROKER_EVENT, TIMER_EVENT};
 use vsnd_device::control::SndModel;
 use vsnd_device::sandbox::{self, SeccompMode};
 
@@ -154,13 +154,14 @@ fn run(args: Args, sandboxed: bool) -> Result<ExitCode, String> {
             version: PROTOCOL_VERSION,
         })
         .map_err(|e| format!("cannot greet the broker: {e}"))?;
-    let (caps, gate) = match broker.recv::<BrokerMsg>() {
+    let (caps, gate, pacing) = match broker.recv::<BrokerMsg>() {
         Ok(BrokerMsg::Hello {
             magic,
             version,
             caps,
             gate,
-        }) if magic == MAGIC && version == PROTOCOL_VERSION => (caps, gate),
+            pacing,
+        }) if magic == MAGIC && version == PROTOCOL_VERSION => (caps, gate, pacing),
         Ok(BrokerMsg::Hello { magic, version, .. }) if magic == MAGIC => {
             error!(
                 "the broker speaks protocol version {version}, this vsnd-device speaks {PROTOCOL_VERSION}: \
@@ -182,8 +183,9 @@ fn run(args: Args, sandboxed: bool) -> Result<ExitCode, String> {
     );
 
     let ipc_raw = std::os::fd::AsRawFd::as_raw_fd(&broker);
-    let backend = SndBackend::new(SndModel::new(&caps, gate), gate, broker)
+    let backend = SndBackend::new(SndModel::new(&caps, gate), gate, pacing, broker)
         .map_err(|e| format!("cannot create the device: {e}"))?;
+    let timer_raw = backend.timer_fd();
     let backend = Arc::new(Mutex::new(backend));
     let mut daemon = VhostUserDaemon::new(
         "vsnd-device".to_string(),
@@ -198,6 +200,9 @@ fn run(args: Args, sandboxed: bool) -> Result<ExitCode, String> {
     worker
         .register_listener(ipc_raw, EventSet::IN, u64::from(BROKER_EVENT))
         .map_err(|e| format!("cannot watch the broker channel: {e}"))?;
+    worker
+        .register_listener(timer_raw, EventSet::IN, u64::from(TIMER_EVENT))
+        .map_err(|e| format!("cannot watch the pacing timer: {e}"))?;
 
     let mut listener = Listener::from(listener);
     info!("waiting for a vhost-user frontend");

@@ -453,7 +453,7 @@ pub fn syscall_name(nr: i64) -> &'static str {
         SYS_write, SYS_readv, SYS_writev, SYS_pread64, SYS_pwrite64, SYS_madvise,
         SYS_getrandom, SYS_sched_setaffinity, SYS_sched_getaffinity, SYS_uname, SYS_sysinfo,
         SYS_times, SYS_getrusage, SYS_wait4, SYS_waitid, SYS_exit, SYS_exit_group,
-        SYS_nanosleep, SYS_clock_nanosleep, SYS_timerfd_create, SYS_signalfd4,
+        SYS_nanosleep, SYS_clock_nanosleep, SYS_signalfd4,
         SYS_inotify_init1, SYS_fanotify_init, SYS_mremap, SYS_msync, SYS_mlock, SYS_shmget,
         SYS_shmat, SYS_semget, SYS_msgget, SYS_set_mempolicy, SYS_mbind, SYS_move_pages,
         SYS_kcmp, SYS_getsockopt, SYS_setsockopt, SYS_getsockname, SYS_getpeername,
@@ -471,7 +471,7 @@ pub fn syscall_name(nr: i64) -> &'static str {
         SYS_epoll_create1, SYS_epoll_ctl, SYS_epoll_pwait, SYS_eventfd2, SYS_close,
         SYS_munmap, SYS_brk, SYS_futex, SYS_sched_yield, SYS_set_robust_list, SYS_rseq,
         SYS_rt_sigprocmask, SYS_sigaltstack, SYS_rt_sigreturn, SYS_gettid, SYS_getpid,
-        SYS_clock_gettime,
+        SYS_clock_gettime, SYS_timerfd_create, SYS_timerfd_settime,
     )
 }
 

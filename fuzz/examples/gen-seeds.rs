@@ -130,7 +130,7 @@ fn transfer(dir: &Path) {
     }
     write_seed(dir, "control", &v);
 
-    // Playback: two periods, completed by the broker.
+    // Playback: two periods, returned when the pacing timer fires.
     let mut v = vec![h];
     let mut pcm = pcm_xfer(0);
     pcm.extend((0..192u32).map(|i| i as u8));
@@ -233,8 +233,6 @@ fn ipc_decode(dir: &Path) {
     v.extend(stream(Direction::Output));
     for b in 0..3 {
         v.extend(frame(DeviceMsg::Playback {
-            buffer: b,
-            last: true,
             data: vec![b as u8; 192],
         }));
     }
@@ -279,11 +277,7 @@ fn ipc_decode(dir: &Path) {
     // A device flooding the broker with empty chunks and capture requests.
     let mut v = vec![ipc::H_HELLO];
     v.extend(stream(Direction::Output));
-    v.extend(frame(DeviceMsg::Playback {
-        buffer: 0,
-        last: false,
-        data: Vec::new(),
-    }));
+    v.extend(frame(DeviceMsg::Playback { data: Vec::new() }));
     v.extend(ipc::repeat(2000));
     v.extend(stream(Direction::Input));
     v.extend(frame(DeviceMsg::Capture { buffer: 1, len: 4 }));

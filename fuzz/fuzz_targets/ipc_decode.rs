@@ -27,7 +27,7 @@ use vsnd_fuzz::ipc_decode::*;
 use vsnd_fuzz::Reader;
 use vsnd_ipc::{
     codec, socketpair, BrokerMsg, Capabilities, Channel, ChannelError, DeviceMsg, GateState,
-    PcmParams, MAGIC, MAX_PCM_CHUNK, PROTOCOL_VERSION,
+    Pacing, PcmParams, MAGIC, MAX_PCM_CHUNK, PROTOCOL_VERSION,
 };
 
 /// A host backend that checks the gate is obeyed and hands out non-silent
@@ -93,7 +93,13 @@ fuzz_target!(|data: &[u8]| {
         },
     };
     let (a, b) = socketpair().unwrap();
-    let mut session = Session::new(Channel::new(a), raw_capabilities(), audio.gate).unwrap();
+    let pacing = Pacing {
+        unpaced: false,
+        playback_batch_ms: 0,
+        host_capture: true,
+    };
+    let mut session =
+        Session::new(Channel::new(a), raw_capabilities(), audio.gate, pacing).unwrap();
     let mut device = Channel::new(b);
     device.set_nonblocking(true).unwrap();
     let t0 = Instant::now();

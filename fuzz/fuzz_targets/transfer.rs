@@ -30,13 +30,13 @@ use libfuzzer_sys::fuzz_target;
 use vhost_user_backend::{VhostUserBackendMut, VringRwLock, VringT};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
-use vsnd_device::backend::{SndBackend, BROKER_EVENT};
+use vsnd_device::backend::{SndBackend, BROKER_EVENT, TIMER_EVENT};
 use vsnd_device::control::SndModel;
 use vsnd_device::virtio_snd::{NUM_QUEUES, R_PCM_PREPARE, R_PCM_SET_PARAMS, R_PCM_START};
 use vsnd_fuzz::transfer::*;
 use vsnd_fuzz::Reader;
 use vsnd_ipc::{
-    socketpair, BrokerMsg, Channel, ChannelError, DeviceMsg, GateState, MAX_BUFFER_BYTES,
+    socketpair, BrokerMsg, Channel, ChannelError, DeviceMsg, GateState, Pacing, MAX_BUFFER_BYTES,
     MAX_PCM_CHUNK,
 };
 
@@ -104,7 +104,12 @@ fuzz_target!(|data: &[u8]| {
     let (dev_fd, broker_fd) = socketpair().unwrap();
     let broker_tx = Channel::new(broker_fd.try_clone().unwrap());
     let reader = broker_end(broker_fd);
-    let mut backend = SndBackend::new(model, gate, Channel::new(dev_fd)).unwrap();
+    let pacing = Pacing {
+        unpaced: header & H_UNPACED != 0,
+        playback_batch_ms: 0,
+        host_capture: true,
+    };
+    let mut backend = SndBackend::new(model, gate, pacing, Channel::new(dev_fd)).unwrap();
     let event_idx = header & H_EVENT_IDX != 0;
     backend.set_event_idx(event_idx);
     backend.update_memory(atomic.clone()).unwrap();
@@ -169,10 +174,13 @@ fuzz_target!(|data: &[u8]| {
                 let buffer = u64::from(r.u8());
                 let arg = r.u16();
                 let msg = match kind % 4 {
-                    0 => BrokerMsg::PlaybackDone {
-                        buffer,
-                        latency_bytes: u32::from(arg),
-                    },
+                    0 => {
+                        // The pacing timer fires instead.
+                        backend
+                            .handle_event(TIMER_EVENT, EventSet::IN, &vrings, 0)
+                            .unwrap();
+                        continue;
+                    }
                     k @ (1 | 2) => BrokerMsg::CaptureData {
                         buffer,
                         last: k == 1,

@@ -157,6 +157,9 @@ pub mod transfer {
     pub const H_GATE_INPUT: u8 = 16;
     /// Header bits: both streams start (after prepare).
     pub const H_START: u8 = 32;
+    /// Header bits: the device does not pace (`Pacing::unpaced`): buffers
+    /// complete as soon as they are taken.
+    pub const H_UNPACED: u8 = 64;
 
     /// `[T_DESC, queue, index, addr u64, len u32, flags u16, next u16]`:
     /// write a descriptor table entry (see [`addr`] and [`len`] for how the
@@ -170,7 +173,8 @@ pub mod transfer {
     /// `DATA_START + addr` (requests, xfer headers, indirect tables).
     pub const T_WRITE: u8 = 3;
     /// `[T_BROKER, kind, buffer u8, arg u16]`: the broker answers:
-    /// kind 0 PlaybackDone, 1 CaptureData (arg bytes, last), 2 CaptureData
+    /// kind 0 the pacing timer fires instead, 1 CaptureData (arg bytes,
+    /// last), 2 CaptureData
     /// (not last), 3 a gate change (arg bits).
     pub const T_BROKER: u8 = 4;
     /// `[T_STOP, queue]`: the frontend stops a queue.

@@ -96,8 +96,6 @@ mod tests {
             direction: Direction::Input,
         });
         roundtrip(DeviceMsg::Playback {
-            buffer: 7,
-            last: true,
             data: vec![1; MAX_PCM_CHUNK],
         });
         roundtrip(DeviceMsg::Capture {
@@ -117,10 +115,11 @@ mod tests {
                 output: true,
                 input: false,
             },
-        });
-        roundtrip(BrokerMsg::PlaybackDone {
-            buffer: 1,
-            latency_bytes: 9,
+            pacing: Pacing {
+                unpaced: false,
+                playback_batch_ms: 40,
+                host_capture: true,
+            },
         });
         roundtrip(BrokerMsg::CaptureData {
             buffer: 3,
@@ -136,8 +135,6 @@ mod tests {
     #[test]
     fn largest_chunk_fits_in_a_frame() {
         let m = DeviceMsg::Playback {
-            buffer: u64::MAX,
-            last: true,
             data: vec![0xff; MAX_PCM_CHUNK],
         };
         let bytes = encode(&m).expect("a full chunk must fit in MAX_FRAME");
@@ -147,8 +144,6 @@ mod tests {
     #[test]
     fn oversized_payload_is_refused_on_encode() {
         let m = DeviceMsg::Playback {
-            buffer: 0,
-            last: true,
             data: vec![0; MAX_FRAME],
         };
         assert!(
@@ -159,12 +154,7 @@ mod tests {
 
     #[test]
     fn truncated_frames_are_refused() {
-        let bytes = encode(&DeviceMsg::Playback {
-            buffer: 5,
-            last: true,
-            data: vec![7; 100],
-        })
-        .unwrap();
+        let bytes = encode(&DeviceMsg::Playback { data: vec![7; 100] }).unwrap();
         for cut in 0..bytes.len() {
             assert!(
                 decode::<DeviceMsg>(&bytes[..cut]).is_err(),
@@ -213,14 +203,13 @@ mod tests {
 
     #[test]
     fn huge_length_prefix_is_refused_without_allocating() {
-        // Playback { buffer: 0, last: false, data: <len = u64::MAX> }:
-        // variant 6, buffer varint 0, bool 0, then a varint length marker
-        // 253 (u64 follows) = 0xffff_ffff_ffff_ffff.
-        let mut frame = vec![6u8, 0, 0, 253];
+        // Playback { data: <len = u64::MAX> }: variant 6, then a varint
+        // length marker 253 (u64 follows) = 0xffff_ffff_ffff_ffff.
+        let mut frame = vec![6u8, 253];
         frame.extend_from_slice(&u64::MAX.to_le_bytes());
         assert!(decode::<DeviceMsg>(&frame).is_err());
         // A length just past the limit (but plausible) is refused too.
-        let mut frame = vec![6u8, 0, 0, 252];
+        let mut frame = vec![6u8, 252];
         frame.extend_from_slice(&((MAX_FRAME as u32) * 2).to_le_bytes());
         assert!(decode::<DeviceMsg>(&frame).is_err());
         // And the same for the broker's capture vector in its hello.

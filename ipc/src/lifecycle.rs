@@ -73,6 +73,11 @@ impl Stream {
         self.state
     }
 
+    /// The last accepted parameters, if any.
+    pub fn params(&self) -> Option<&PcmParams> {
+        self.params.as_ref()
+    }
+
     /// Whether transfers may be queued on this stream now.
     pub fn accepts_transfers(&self) -> bool {
         matches!(

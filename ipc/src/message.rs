@@ -15,10 +15,10 @@ pub const MAGIC: u32 = u32::from_le_bytes(*b"VSND");
 /// Variant 0 of both enums (`Hello { magic, version, .. }`) keeps its first
 /// two fields forever, so a peer of another version can still read them and
 /// say clearly what is wrong.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// Largest PCM payload carried by one [`DeviceMsg::Playback`] or
-/// [`BrokerMsg::CaptureData`]; larger guest buffers are split into chunks.
+/// [`BrokerMsg::CaptureData`]; more is split into several messages.
 pub const MAX_PCM_CHUNK: usize = 32 * 1024;
 
 /// Largest guest buffer (one virtio-snd I/O message) the device forwards and
@@ -168,6 +168,22 @@ impl PcmParams {
     pub fn bytes_per_second(&self) -> u64 {
         u64::from(self.frame_bytes()) * u64::from(self.rate)
     }
+
+    /// Bytes (whole frames) a stream with these parameters makes due in
+    /// `elapsed` of real time.
+    pub fn bytes_in(&self, elapsed: std::time::Duration) -> u64 {
+        let frames = elapsed.as_nanos() * u128::from(self.rate) / 1_000_000_000;
+        u64::try_from(frames * u128::from(self.frame_bytes())).unwrap_or(u64::MAX)
+    }
+
+    /// Real time until `bytes` are due, rounded up to whole frames: the
+    /// inverse of [`PcmParams::bytes_in`]. Saturates far beyond any real
+    /// deadline instead of overflowing.
+    pub fn time_for(&self, bytes: u64) -> std::time::Duration {
+        let frames = bytes.div_ceil(u64::from(self.frame_bytes().max(1)));
+        let nanos = (u128::from(frames) * 1_000_000_000).div_ceil(u128::from(self.rate.max(1)));
+        std::time::Duration::from_nanos(u64::try_from(nanos).unwrap_or(u64::MAX))
+    }
 }
 
 /// What the broker's backend can do; the device advertises exactly this in
@@ -241,25 +257,46 @@ pub enum DeviceMsg {
         /// Which stream.
         direction: Direction,
     },
-    /// A chunk of one guest playback buffer. When `last` is set, the broker
-    /// answers [`BrokerMsg::PlaybackDone`] for `buffer` once everything up
-    /// to and including this chunk has been consumed at the real-time rate.
+    /// Playback bytes the guest's clock has consumed, in order: the device
+    /// returned the buffers they came from to the guest. The broker plays
+    /// them (or discards them while output is off) as they arrive, but
+    /// never faster than the real-time rate: bytes beyond its budget wait.
     Playback {
-        /// The device's id for the guest buffer, increasing.
-        buffer: u64,
-        /// This chunk ends the buffer.
-        last: bool,
         /// PCM bytes, at most [`MAX_PCM_CHUNK`].
         data: Vec<u8>,
     },
-    /// The guest queued a capture buffer of `len` bytes. The broker answers
-    /// with [`BrokerMsg::CaptureData`] chunks once that much time has passed.
+    /// A capture buffer of `len` bytes is due now (the device's clock has
+    /// advanced by its length). The broker answers with
+    /// [`BrokerMsg::CaptureData`] chunks at once, or once its own clock
+    /// allows that much, with host samples only while input is enabled.
     Capture {
         /// The device's id for the guest buffer, increasing.
         buffer: u64,
         /// Bytes wanted, at most [`MAX_BUFFER_BYTES`].
         len: u32,
     },
+}
+
+/// How the device paces the guest, chosen by the broker (its hello).
+///
+/// The device owns the guest's clock: it returns playback buffers and asks
+/// for capture data at the real-time rate from START on, so that the
+/// broker does not have to wake up for every period. The broker still
+/// meters both directions against its own clock and decides what capture
+/// data is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Encode, Decode)]
+pub struct Pacing {
+    /// Measurement only (`--unpaced-for-benchmark`): return playback and
+    /// ask for capture as soon as buffers arrive.
+    pub unpaced: bool,
+    /// How long the device may collect consumed playback before sending it,
+    /// in milliseconds; 0 sends each buffer's bytes when it is returned.
+    /// A backend without a real-time sink (null, file) takes batches.
+    pub playback_batch_ms: u16,
+    /// Whether the backend has a host capture source at all. Without one
+    /// (the null backend), or while input is off, the device fills capture
+    /// buffers with silence itself instead of asking.
+    pub host_capture: bool,
 }
 
 /// Messages from vsnd-broker to vsnd-device.
@@ -275,13 +312,8 @@ pub enum BrokerMsg {
         caps: Capabilities,
         /// The flags at this moment (shown to the guest as jacks).
         gate: GateState,
-    },
-    /// The playback buffer was consumed at the real-time rate.
-    PlaybackDone {
-        /// The id from [`DeviceMsg::Playback`].
-        buffer: u64,
-        /// Bytes queued behind it that have not been played yet.
-        latency_bytes: u32,
+        /// How the device paces the guest.
+        pacing: Pacing,
     },
     /// Capture bytes for a buffer; chunks arrive in order, `last` ends it.
     CaptureData {

@@ -975,9 +975,11 @@ fn assert_device_fds(pid: i32, socket: &Path, extra_sockets: usize, ctx: &dyn Fn
             assert!(
                 t == "anon_inode:[eventfd]"
                     || t == "anon_inode:[eventpoll]"
+                    || t == "anon_inode:[timerfd]"
                     || t.starts_with("/memfd:"),
-                "expected fd {n} to be an eventfd, an epoll instance, a socket or guest memory \
-                 (a memfd from the VMM), got {t}: the device must hold no file or directory\n{}",
+                "expected fd {n} to be an eventfd, an epoll instance, the pacing timer, a socket \
+                 or guest memory (a memfd from the VMM), got {t}: the device must hold no file \
+                 or directory\n{}",
                 listing()
             );
         }

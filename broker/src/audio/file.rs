@@ -90,6 +90,14 @@ impl super::Audio for FileAudio {
         super::raw_capabilities()
     }
 
+    fn playback_batch_ms(&self) -> u16 {
+        super::STORE_BATCH_MS
+    }
+
+    fn has_capture_source(&self) -> bool {
+        self.capture.is_some()
+    }
+
     fn play(&mut self, params: &PcmParams, data: &[u8]) {
         let Some(pb) = self.playback.as_mut() else {
             return;

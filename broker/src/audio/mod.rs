@@ -1,5 +1,5 @@
-//! Host audio backends. The session paces every stream by the broker's
-//! clock and consults the gate; a backend only moves bytes.
+//! Host audio backends. The session meters every stream against the
+//! broker's clock and consults the gate; a backend only moves bytes.
 
 pub mod alsa;
 pub mod file;
@@ -13,6 +13,11 @@ use vsnd_ipc::{Capabilities, PcmParams, SampleFormat};
 pub const RATES: [u32; 12] = [
     8000, 11025, 16000, 22050, 32000, 44100, 48000, 64000, 88200, 96000, 176400, 192000,
 ];
+
+/// How long the device may collect playback for a backend that stores or
+/// drops it (null, file), in milliseconds: one broker wake-up for ten
+/// 10 ms periods instead of one each.
+pub const STORE_BATCH_MS: u16 = 100;
 
 /// Most channels the null and file backends accept.
 pub const MAX_CHANNELS: u8 = 8;
@@ -34,6 +39,20 @@ pub fn raw_capabilities() -> Capabilities {
 pub trait Audio {
     /// What PCM_INFO advertises.
     fn capabilities(&self) -> Capabilities;
+
+    /// How long the device may collect consumed playback before sending it
+    /// (milliseconds). A backend that feeds a real-time sink wants each
+    /// buffer at once (0, the default); one that only stores or drops the
+    /// bytes takes batches, which spares the broker wake-ups.
+    fn playback_batch_ms(&self) -> u16 {
+        0
+    }
+
+    /// Whether the backend has a host capture source at all. Without one
+    /// the device fills capture buffers with silence itself.
+    fn has_capture_source(&self) -> bool {
+        true
+    }
 
     /// The guest prepared its playback stream with `params`.
     fn open_output(&mut self, _params: &PcmParams) -> Result<(), String> {

@@ -10,6 +10,14 @@ impl super::Audio for Null {
         super::raw_capabilities()
     }
 
+    fn playback_batch_ms(&self) -> u16 {
+        super::STORE_BATCH_MS
+    }
+
+    fn has_capture_source(&self) -> bool {
+        false
+    }
+
     fn play(&mut self, _params: &PcmParams, _data: &[u8]) {}
 
     fn capture(&mut self, params: &PcmParams, buf: &mut [u8]) {

@@ -398,7 +398,6 @@ mod rogue {
         x80: u64,
         other: u64,
         buffers: u64,
-        playback_done: u64,
         gates: u64,
         input_on_seen: bool,
         hellos: u64,
@@ -419,7 +418,7 @@ mod rogue {
 
         fn line(&self, what: &str) -> String {
             format!(
-                "{what} chunks={} bytes={} zero={} x80={} other={} buffers={} playback_done={} \
+                "{what} chunks={} bytes={} zero={} x80={} other={} buffers={} \
                  gates={} input_on_seen={} hellos={}",
                 self.chunks,
                 self.bytes,
@@ -427,7 +426,6 @@ mod rogue {
                 self.x80,
                 self.other,
                 self.buffers,
-                self.playback_done,
                 self.gates,
                 self.input_on_seen,
                 self.hellos
@@ -445,7 +443,6 @@ mod rogue {
                         return Some(buffer);
                     }
                 }
-                BrokerMsg::PlaybackDone { .. } => self.playback_done += 1,
                 BrokerMsg::Gate(g) => {
                     self.gates += 1;
                     self.input_on_seen |= g.input;
@@ -486,12 +483,8 @@ mod rogue {
                 idle(&mut ch, notes)
             }
             Mode::Truncated => {
-                let frame = codec::encode(&DeviceMsg::Playback {
-                    buffer: 0,
-                    last: true,
-                    data: vec![7; 100],
-                })
-                .map_err(|e| e.to_string())?;
+                let frame = codec::encode(&DeviceMsg::Playback { data: vec![7; 100] })
+                    .map_err(|e| e.to_string())?;
                 let cut = frame.get(..frame.len() - 10).unwrap_or(&[]);
                 raw(
                     &ch,
@@ -798,11 +791,9 @@ mod rogue {
                     if playback_queued >= EXPLORE_MAX_PLAYBACK {
                         continue;
                     }
-                    // One buffer in one to three chunks (never interleaved).
-                    let buffer = next_id;
-                    next_id += 1;
+                    // One to three chunks of consumed playback.
                     let chunks = 1 + rng.below(3);
-                    for k in 0..chunks {
+                    for _ in 0..chunks {
                         let len = match rng.below(3) {
                             0 => 0,
                             1 => rng.below(4096) as usize,
@@ -813,8 +804,6 @@ mod rogue {
                         send(
                             ch,
                             &DeviceMsg::Playback {
-                                buffer,
-                                last: k + 1 == chunks,
                                 data: vec![0x42; len],
                             },
                         )?;
@@ -987,8 +976,6 @@ mod rogue {
                 }
             } else if playback {
                 DeviceMsg::Playback {
-                    buffer: 1_000_000 + chunks,
-                    last: true,
                     data: chunk.clone(),
                 }
             } else {
