@@ -130,8 +130,9 @@ fn transfer(dir: &Path) {
     }
     write_seed(dir, "control", &v);
 
-    // Playback: two periods, returned when the pacing timer fires.
-    let mut v = vec![h];
+    // Playback: two periods, returned at once (unpaced) and then when the
+    // pacing timer fires.
+    let mut v = vec![h | H_UNPACED];
     let mut pcm = pcm_xfer(0);
     pcm.extend((0..192u32).map(|i| i as u8));
     v.extend(write(0x200, &pcm));
@@ -147,8 +148,9 @@ fn transfer(dir: &Path) {
     v.extend(broker(0, 1, 0));
     write_seed(dir, "playback", &v);
 
-    // Capture: one period, filled by the broker.
-    let mut v = vec![h | H_GATE_INPUT];
+    // Capture: one period, asked for at once (unpaced), filled by the
+    // broker.
+    let mut v = vec![h | H_GATE_INPUT | H_UNPACED];
     v.extend(write(0x200, &pcm_xfer(1)));
     v.extend(desc(3, 0, 0x200, 4, F_NEXT, 1));
     v.extend(desc(3, 1, 0x1000, 192, F_WRITE | F_NEXT, 2));

@@ -11,7 +11,7 @@
 //!
 //! These are the files the [`Broker`](crate::fixture::Broker) fixture's
 //! helpers read and write, so `played()`, `capture_bytes()` & co. work
-//! unchanged. The `null` slave has no clock: the broker's clock paces both
+//! unchanged. The `null` slave has no clock: the device's timer paces both
 //! streams, as it does for every backend. Nothing ever blocks and nothing
 //! ever xruns on these PCMs (`tests/alsa.rs` provokes xruns through
 //! PipeWire's ALSA plugin instead).
