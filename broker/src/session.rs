@@ -88,10 +88,15 @@ impl Clock {
     }
 
     /// Bytes that may pass by `now`: what the real-time rate has made due
-    /// since START plus `slack` ahead of it, less what passed already.
+    /// since START, plus as much again but at most `slack` ahead of it,
+    /// less what passed already. The allowance ahead grows with the time
+    /// the stream runs, so that a device cycling START and STOP gets at
+    /// most twice the real-time rate, never a fresh `slack` each time.
     fn budget(&self, now: Instant, p: &PcmParams, slack: u64) -> u64 {
         let elapsed = p.bytes_in(now.saturating_duration_since(self.anchor));
-        elapsed.saturating_add(slack).saturating_sub(self.done)
+        elapsed
+            .saturating_add(elapsed.min(slack))
+            .saturating_sub(self.done)
     }
 
     /// The stream had nothing waiting until `now`: time it did not use
@@ -102,9 +107,16 @@ impl Clock {
         self.done = self.done.max(elapsed.saturating_sub(slack));
     }
 
-    /// When the budget will allow `bytes`.
+    /// When the budget will allow `bytes` (the inverse of
+    /// [`Clock::budget`]).
     fn when(&self, bytes: u64, p: &PcmParams, slack: u64) -> Instant {
-        let offset = p.time_for(self.done.saturating_add(bytes).saturating_sub(slack));
+        let want = self.done.saturating_add(bytes);
+        let elapsed = if want <= slack.saturating_mul(2) {
+            want.div_ceil(2)
+        } else {
+            want - slack
+        };
+        let offset = p.time_for(elapsed);
         // Far beyond any real deadline, but never an overflow.
         self.anchor
             .checked_add(offset)
@@ -112,10 +124,11 @@ impl Clock {
     }
 }
 
-/// How far ahead of the broker's clock a stream may run: a quarter of a
-/// second plus the guest's whole buffer. Covers the device's batches of
-/// playback and the time the broker takes to read START; a device that
-/// tries to run faster than that is held to the real-time rate.
+/// How far ahead of the broker's clock a stream may run, once it has run
+/// that long: a quarter of a second plus the guest's whole buffer. Covers
+/// the device's batches of playback and the time the broker takes to read
+/// START; a device that tries to run faster than that is held to the
+/// real-time rate.
 fn slack(p: &PcmParams) -> u64 {
     (p.bytes_per_second() / 4).saturating_add(u64::from(p.buffer_bytes))
 }
@@ -794,7 +807,8 @@ mod tests {
         r.tick(r.at(1000));
         assert!(r.audio.played.is_empty(), "nothing is played before START");
         r.start(Direction::Output, 1000);
-        r.tick(r.at(1000));
+        // 15 ms after START the budget is twice that: all three periods.
+        r.tick(r.at(1015));
         assert_eq!(r.audio.played, want, "exactly the guest's bytes, in order");
         assert_eq!(r.session.next_deadline(), None, "nothing waits");
     }
@@ -807,25 +821,53 @@ mod tests {
         });
         r.stream(Direction::Output);
         r.start(Direction::Output, 0);
-        // A whole second of playback at the instant of START.
-        let second: Vec<u8> = (0..192_000u32).map(|i| i as u8).collect();
-        r.play(&second);
+        // Two seconds of playback at the instant of START.
+        let two: Vec<u8> = (0..384_000u32).map(|i| i as u8).collect();
+        r.play(&two);
         r.tick(r.at(0));
-        assert_eq!(r.audio.played.len(), SLACK, "only the slack at once");
-        // The rest of the chunk the slack ended in waits for the clock.
-        let rest = (2 * MAX_PCM_CHUNK - SLACK) as u64;
-        assert_eq!(
-            r.session.next_deadline(),
-            Some(r.at(0) + params().time_for(rest)),
-        );
+        assert!(r.audio.played.is_empty(), "nothing ahead at START");
         r.tick(r.at(100));
         assert_eq!(
             r.audio.played.len(),
-            SLACK + 19_200,
-            "then 100 ms per 100 ms"
+            2 * 19_200,
+            "twice the real-time rate while the allowance ahead grows"
         );
         r.tick(r.at(1000));
-        assert!(r.audio.played == second, "all of it, in order, by 1 s");
+        assert_eq!(
+            r.audio.played.len(),
+            192_000 + SLACK,
+            "then the real-time rate plus the slack"
+        );
+        assert!(r.session.next_deadline().is_some(), "the rest waits");
+        r.tick(r.at(2000));
+        assert!(r.audio.played == two, "all of it, in order, by 2 s");
+    }
+
+    #[test]
+    fn start_and_stop_cycles_do_not_refill_the_slack() {
+        let mut r = Rig::new(GateState {
+            output: true,
+            input: false,
+        });
+        r.stream(Direction::Output);
+        r.play(&vec![3; 384_000]);
+        // A second of 10 ms START/STOP cycles.
+        for k in 0..100u64 {
+            r.start(Direction::Output, 10 * k);
+            r.tick(r.at(10 * k + 10));
+            r.send_at(
+                DeviceMsg::Stop {
+                    direction: Direction::Output,
+                },
+                r.at(10 * k + 10),
+            )
+            .unwrap();
+        }
+        assert!(
+            r.audio.played.len() <= 2 * 192_000,
+            "at most twice real time over a second of cycles, got {} bytes",
+            r.audio.played.len()
+        );
     }
 
     #[test]
@@ -914,25 +956,25 @@ mod tests {
         });
         r.stream(Direction::Output);
         r.start(Direction::Output, 0);
-        r.play(&vec![1; SLACK + PERIOD as usize]);
-        r.tick(r.at(0));
-        assert_eq!(r.audio.played.len(), SLACK);
+        r.play(&vec![1; 4 * PERIOD as usize]);
+        r.tick(r.at(10));
+        assert_eq!(r.audio.played.len(), 2 * PERIOD as usize);
         r.send_at(
             DeviceMsg::Stop {
                 direction: Direction::Output,
             },
-            r.at(1),
+            r.at(11),
         )
         .unwrap();
         r.tick(r.at(500));
         assert_eq!(
             r.audio.played.len(),
-            SLACK,
+            2 * PERIOD as usize,
             "a stopped stream plays nothing"
         );
         r.start(Direction::Output, 500);
-        r.tick(r.at(500));
-        assert_eq!(r.audio.played.len(), SLACK + PERIOD as usize);
+        r.tick(r.at(510));
+        assert_eq!(r.audio.played.len(), 4 * PERIOD as usize);
     }
 
     #[test]
@@ -1020,13 +1062,27 @@ mod tests {
             .unwrap();
         }
         r.tick(r.at(0));
-        let first = capture_data(&r.replies()).len();
-        assert_eq!(first, SLACK / PERIOD as usize, "only the slack at once");
+        assert!(
+            capture_data(&r.replies()).is_empty(),
+            "nothing ahead at START"
+        );
         r.tick(r.at(100));
         assert_eq!(
             capture_data(&r.replies()).len(),
+            20,
+            "twice real time while the allowance ahead grows"
+        );
+        r.tick(r.at(400));
+        assert_eq!(
+            capture_data(&r.replies()).len(),
+            (76_800 + SLACK) / PERIOD as usize - 20,
+            "then real time plus the slack"
+        );
+        r.tick(r.at(500));
+        assert_eq!(
+            capture_data(&r.replies()).len(),
             10,
-            "then ten 10 ms buffers per 100 ms"
+            "ten 10 ms buffers per 100 ms"
         );
     }
 

@@ -429,9 +429,10 @@ fn the_broker_not_the_device_decides_what_the_device_hears() {
     let capture = b.broker.capture_bytes().to_vec();
 
     // Input off: silence, at the real-time pace, and no capture file open.
-    // The broker lets a stream run up to a quarter of a second (plus its
-    // buffer) ahead of its clock; past that, the pace is the real-time one.
-    let first = wait_bufs(&b, &fake, 80);
+    // The broker lets a stream run ahead of its clock: twice the real-time
+    // rate at first, up to a quarter of a second (plus the buffer) ahead;
+    // past that, the pace is the real-time one.
+    let first = wait_bufs(&b, &fake, 100);
     let silent: Vec<&Buf> = first
         .iter()
         .filter(|x| x.nonzero > 0 || x.len != PERIOD_BYTES as u64)
@@ -441,7 +442,7 @@ fn the_broker_not_the_device_decides_what_the_device_hears() {
         "expected {} silent buffers of {PERIOD_BYTES} bytes while input is off, got {silent:?}",
         first.len()
     );
-    let (a, z) = (first[40], first[79]);
+    let (a, z) = (first[60], first[99]);
     let took = Duration::from_micros(z.t_us - a.t_us);
     let periods = (z.id - a.id) as u32;
     assert!(

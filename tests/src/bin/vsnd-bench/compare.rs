@@ -48,6 +48,9 @@ struct Rep {
     moved_back_us: f64,
     cpu_ms_per_s: f64,
     cpu_tx_ms_per_s: f64,
+    /// The pacing floor (see floor.rs), measured next to vsnd's runs.
+    floor_ms_per_s: Option<f64>,
+    floor_tx_ms_per_s: Option<f64>,
     hwm_mib: f64,
     throughput_x: f64,
     load: String,
@@ -242,6 +245,12 @@ fn run_rep(kind: Kind, paced: &Spec, unpaced: &Spec, o: &Opts, rep: usize) -> Re
     r.cpu_tx_ms_per_s = rt.cpu_ms_per_s;
     drop(target);
 
+    // What keeping real time costs here at the least, duplex and playback.
+    if kind == Kind::Vsnd {
+        r.floor_ms_per_s = Some(crate::floor::measure(o.duplex, true)?);
+        r.floor_tx_ms_per_s = Some(crate::floor::measure(o.duplex, false)?);
+    }
+
     // Unpaced throughput, playback only.
     let (mut target, mut fe, _) =
         Target::start(unpaced, &o.base, &format!("{tag}-tput"), frontend_options())?;
@@ -311,11 +320,12 @@ pub fn run(o: &Opts) -> Res<String> {
     for rep in 0..o.reps {
         let r = run_rep(Kind::Vsnd, &specs_v.0, &specs_v.1, o, rep)?;
         let line = format!(
-            "rep {rep} vsnd: load {} | accept {:.2} ms ready {:.2} ms | rtt p50 {:.1} p99 {:.1} µs | jitter p50 {:.0} p99 {:.0} max {:.0} µs (schedule moved back {:.0} µs), xruns {} | cpu duplex {:.2} playback {:.2} ms/s | hwm {:.1} MiB | {:.0}× real time",
+            "rep {rep} vsnd: load {} | accept {:.2} ms ready {:.2} ms | rtt p50 {:.1} p99 {:.1} µs | jitter p50 {:.0} p99 {:.0} max {:.0} µs (schedule moved back {:.0} µs), xruns {} | cpu duplex {:.2} playback {:.2} ms/s (pacing floor {:.2} / {:.2}) | hwm {:.1} MiB | {:.0}× real time",
             r.load, r.accept_ms, r.ready_ms, r.rtt_p50_us, r.rtt_p99_us,
             r.jitter_p50_us.unwrap_or(f64::NAN), r.jitter_p99_us.unwrap_or(f64::NAN),
             r.jitter_max_us.unwrap_or(f64::NAN), r.moved_back_us, r.xruns.unwrap_or(0),
-            r.cpu_ms_per_s, r.cpu_tx_ms_per_s, r.hwm_mib, r.throughput_x
+            r.cpu_ms_per_s, r.cpu_tx_ms_per_s, r.floor_ms_per_s.unwrap_or(f64::NAN),
+            r.floor_tx_ms_per_s.unwrap_or(f64::NAN), r.hwm_mib, r.throughput_x
         );
         eprintln!("{line}");
         log.push_str(&line);
@@ -407,6 +417,23 @@ pub fn run(o: &Opts) -> Res<String> {
             what: "host CPU per second of playback-only audio (ms/s; the same work for both)",
             vsnd: vv(|r| Some(r.cpu_tx_ms_per_s)),
             upstream: up(|r| Some(r.cpu_tx_ms_per_s)),
+            target: "",
+            verdict: None,
+            digits: Some(2),
+        },
+        Row {
+            what: "pacing floor per second of duplex (ms/s): a process that only sleeps on a \
+                   10 ms timer and signals two eventfds (see below)",
+            vsnd: vv(|r| r.floor_ms_per_s),
+            upstream: Cell::Na(NO_PACE),
+            target: "",
+            verdict: None,
+            digits: Some(2),
+        },
+        Row {
+            what: "pacing floor per second of playback (ms/s): the same with one eventfd",
+            vsnd: vv(|r| r.floor_tx_ms_per_s),
+            upstream: Cell::Na(NO_PACE),
             target: "",
             verdict: None,
             digits: Some(2),

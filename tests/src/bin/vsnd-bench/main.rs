@@ -23,6 +23,7 @@
 //! upstream. Numbers from a debug build mean nothing.
 
 mod compare;
+mod floor;
 mod guest;
 mod procfs;
 mod scale;
@@ -207,6 +208,11 @@ fn real_main() -> Result<bool, String> {
             let (report, ok) = soak::run(&o)?;
             emit(&report, out)?;
             Ok(ok)
+        }
+        // Internal: the child process of the pacing floor (see floor.rs).
+        "floor-child" => {
+            floor::child(&a.rest)?;
+            Ok(true)
         }
         "-h" | "--help" | "help" => {
             println!("{USAGE}");
