@@ -291,7 +291,7 @@ pub struct Pacing {
     pub unpaced: bool,
     /// How long the device may collect consumed playback before sending it,
     /// in milliseconds; 0 sends each buffer's bytes when it is returned.
-    /// A backend without a real-time sink (null, file) takes batches.
+    /// The null backend, which drops playback, takes batches.
     pub playback_batch_ms: u16,
     /// Whether the backend has a host capture source at all. Without one
     /// (the null backend), or while input is off, the device fills capture

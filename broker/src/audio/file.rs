@@ -90,10 +90,6 @@ impl super::Audio for FileAudio {
         super::raw_capabilities()
     }
 
-    fn playback_batch_ms(&self) -> u16 {
-        super::STORE_BATCH_MS
-    }
-
     fn has_capture_source(&self) -> bool {
         self.capture.is_some()
     }

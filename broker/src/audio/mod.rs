@@ -14,10 +14,11 @@ pub const RATES: [u32; 12] = [
     8000, 11025, 16000, 22050, 32000, 44100, 48000, 64000, 88200, 96000, 176400, 192000,
 ];
 
-/// How long the device may collect playback for a backend that stores or
-/// drops it (null, file), in milliseconds: one broker wake-up for ten
-/// 10 ms periods instead of one each.
-pub const STORE_BATCH_MS: u16 = 100;
+/// How long the device may collect playback for the null backend, which
+/// drops it, in milliseconds: one broker wake-up for ten 10 ms periods
+/// instead of one each. (The file backend takes each buffer at once: a
+/// device that dies then loses nothing it returned to the guest.)
+pub const NULL_BATCH_MS: u16 = 100;
 
 /// Most channels the null and file backends accept.
 pub const MAX_CHANNELS: u8 = 8;
@@ -41,9 +42,9 @@ pub trait Audio {
     fn capabilities(&self) -> Capabilities;
 
     /// How long the device may collect consumed playback before sending it
-    /// (milliseconds). A backend that feeds a real-time sink wants each
-    /// buffer at once (0, the default); one that only stores or drops the
-    /// bytes takes batches, which spares the broker wake-ups.
+    /// (milliseconds). A backend that plays or keeps the bytes wants each
+    /// buffer at once (0, the default); one that drops them takes batches,
+    /// which spares the broker wake-ups.
     fn playback_batch_ms(&self) -> u16 {
         0
     }

@@ -11,7 +11,7 @@ impl super::Audio for Null {
     }
 
     fn playback_batch_ms(&self) -> u16 {
-        super::STORE_BATCH_MS
+        super::NULL_BATCH_MS
     }
 
     fn has_capture_source(&self) -> bool {
