@@ -1034,41 +1034,71 @@ impl VhostUserBackendMut for SndBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
     use std::sync::mpsc;
     use std::time::Duration;
-    use vm_memory::{Bytes, GuestAddress};
+    use vm_memory::{Address, Bytes, GuestAddress};
+    use vsnd_ipc::SampleFormat;
+
+    /// Entries per test queue.
+    const QUEUE_SIZE: u16 = 16;
+    /// One period of 48 kHz stereo S16 (or U16): 10 ms, 480 frames.
+    const PERIOD: u32 = 1920;
+    const PERIOD_TIME: Duration = Duration::from_millis(10);
+    /// How long a test waits for something that is due long before (the
+    /// machine may be loaded; this is no timing claim).
+    const PATIENCE: Duration = Duration::from_secs(3);
+    /// Where the guest's transfer buffers live (above the four queues).
+    const DATA_START: u64 = 0x1000;
+    /// virtio-snd wire codes used by the tests.
+    const FMT_S16: u8 = 5;
+    const FMT_U16: u8 = 6;
+    const RATE_48000: u8 = 7;
+    const VIRTQ_DESC_F_NEXT: u16 = 1;
+    const VIRTQ_DESC_F_WRITE: u16 = 2;
+
+    fn caps() -> vsnd_ipc::Capabilities {
+        vsnd_ipc::Capabilities {
+            formats: vec![SampleFormat::S16, SampleFormat::U16],
+            rates: vec![48_000],
+            channels_min: 1,
+            channels_max: 2,
+        }
+    }
 
     /// A backend on 64 KiB of guest memory with its four queues (16
     /// entries) at 0x0, 0x400, 0x800, 0xc00 and EVENT_IDX negotiated; the
     /// broker end of the channel is returned so the device never sees it
     /// gone.
     fn backend() -> (SndBackend, Vec<VringRwLock>, GuestMemoryMmap, Channel) {
-        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x1_0000)]).unwrap();
-        let atomic = GuestMemoryAtomic::new(mem.clone());
         let gate = GateState {
             output: true,
             input: false,
         };
-        let caps = vsnd_ipc::Capabilities {
-            formats: vec![vsnd_ipc::SampleFormat::S16],
-            rates: vec![48_000],
-            channels_min: 1,
-            channels_max: 2,
-        };
-        let (dev, broker) = vsnd_ipc::socketpair().unwrap();
         let pacing = Pacing {
             unpaced: false,
             playback_batch_ms: 0,
             host_capture: true,
         };
-        let mut b =
-            SndBackend::new(SndModel::new(&caps, gate), gate, pacing, Channel::new(dev)).unwrap();
+        backend_with(SndModel::new(&caps(), gate), gate, pacing)
+    }
+
+    /// [`backend`] with a given model, gate and pacing.
+    fn backend_with(
+        model: SndModel,
+        gate: GateState,
+        pacing: Pacing,
+    ) -> (SndBackend, Vec<VringRwLock>, GuestMemoryMmap, Channel) {
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x1_0000)]).unwrap();
+        let atomic = GuestMemoryAtomic::new(mem.clone());
+        let (dev, broker) = vsnd_ipc::socketpair().unwrap();
+        let mut b = SndBackend::new(model, gate, pacing, Channel::new(dev)).unwrap();
         b.set_event_idx(true);
         b.update_memory(atomic.clone()).unwrap();
         let vrings = (0..NUM_QUEUES as u64)
             .map(|q| {
-                let v = VringRwLock::new(atomic.clone(), 16).unwrap();
-                v.set_queue_size(16);
+                let v = VringRwLock::new(atomic.clone(), QUEUE_SIZE).unwrap();
+                v.set_queue_size(QUEUE_SIZE);
                 v.set_queue_info(q * 0x400, q * 0x400 + 0x100, q * 0x400 + 0x200)
                     .unwrap();
                 v.set_queue_event_idx(true);
@@ -1078,6 +1108,293 @@ mod tests {
             })
             .collect();
         (b, vrings, mem, Channel::new(broker))
+    }
+
+    fn le32s(fields: &[u32]) -> Vec<u8> {
+        fields.iter().flat_map(|f| f.to_le_bytes()).collect()
+    }
+
+    /// A model whose `streams` (wire id, virtio format code) were set to
+    /// 48 kHz stereo with 10 ms periods, prepared and started, as the guest
+    /// would with control requests.
+    fn running_model(gate: GateState, streams: &[(u32, u8)]) -> SndModel {
+        let mut m = SndModel::new(&caps(), gate);
+        for &(stream, format) in streams {
+            let mut set_params = le32s(&[R_PCM_SET_PARAMS, stream, 4 * PERIOD, PERIOD, 0]);
+            set_params.extend_from_slice(&[2, format, RATE_48000, 0]);
+            for req in [
+                set_params,
+                le32s(&[R_PCM_PREPARE, stream]),
+                le32s(&[R_PCM_START, stream]),
+            ] {
+                let o = m.handle(&req, 64);
+                assert_eq!(
+                    o.response,
+                    (Status::Ok as u32).to_le_bytes(),
+                    "setting up stream {stream}: request {:#x} was refused",
+                    le32(&req, 0)
+                );
+            }
+        }
+        m
+    }
+
+    fn paced() -> Pacing {
+        Pacing {
+            unpaced: false,
+            playback_batch_ms: 0,
+            host_capture: true,
+        }
+    }
+
+    fn gate(output: bool, input: bool) -> GateState {
+        GateState { output, input }
+    }
+
+    /// One transfer the test guest made available.
+    struct Xfer {
+        head: u16,
+        /// The PCM bytes (TX: read by the device; RX: written by it).
+        data: GuestAddress,
+        status: GuestAddress,
+    }
+
+    /// The guest side of the queues: writes descriptor chains and the
+    /// available ring, reads the used ring, as a virtio driver would.
+    struct Guest {
+        mem: GuestMemoryMmap,
+        next_desc: [u16; NUM_QUEUES],
+        next_data: u64,
+    }
+
+    impl Guest {
+        fn new(mem: &GuestMemoryMmap) -> Self {
+            Guest {
+                mem: mem.clone(),
+                next_desc: [0; NUM_QUEUES],
+                next_data: DATA_START,
+            }
+        }
+
+        fn base(q: u16) -> u64 {
+            u64::from(q) * 0x400
+        }
+
+        /// Guest memory for a buffer of `len` bytes, filled with `fill`.
+        fn alloc(&mut self, len: u32, fill: u8) -> GuestAddress {
+            let at = GuestAddress(self.next_data);
+            self.next_data = (self.next_data + u64::from(len) + 15) & !15;
+            assert!(self.next_data <= 0x1_0000, "test guest memory exhausted");
+            self.mem.write_slice(&vec![fill; len as usize], at).unwrap();
+            at
+        }
+
+        /// Chain `parts` (address, length, device-writable) and make the
+        /// chain available on queue `q` (no kick: the test decides).
+        fn publish(&mut self, q: u16, parts: &[(GuestAddress, u32, bool)]) -> u16 {
+            let table = Self::base(q);
+            let head = self.next_desc[usize::from(q)];
+            for (i, &(addr, len, writable)) in parts.iter().enumerate() {
+                let idx = head + i as u16;
+                assert!(idx < QUEUE_SIZE, "test queue {q} out of descriptors");
+                let d = table + u64::from(idx) * 16;
+                let mut flags = if writable { VIRTQ_DESC_F_WRITE } else { 0 };
+                if i + 1 < parts.len() {
+                    flags |= VIRTQ_DESC_F_NEXT;
+                }
+                self.mem.write_obj(addr.0, GuestAddress(d)).unwrap();
+                self.mem.write_obj(len, GuestAddress(d + 8)).unwrap();
+                self.mem.write_obj(flags, GuestAddress(d + 12)).unwrap();
+                self.mem.write_obj(idx + 1, GuestAddress(d + 14)).unwrap();
+            }
+            self.next_desc[usize::from(q)] = head + parts.len() as u16;
+            let avail = table + 0x100;
+            let idx = self.avail_idx(q);
+            let slot = avail + 4 + 2 * u64::from(idx % QUEUE_SIZE);
+            self.mem.write_obj(head, GuestAddress(slot)).unwrap();
+            self.mem
+                .write_obj(idx.wrapping_add(1), GuestAddress(avail + 2))
+                .unwrap();
+            head
+        }
+
+        /// A playback buffer as the Linux driver builds it: transfer
+        /// header, PCM bytes, device-writable status.
+        fn tx(&mut self, payload: &[u8]) -> Xfer {
+            let hdr = self.alloc(PCM_XFER_SIZE as u32, 0);
+            self.mem.write_obj(0u32, hdr).unwrap(); // stream 0: output
+            let len = payload.len() as u32;
+            let data = self.alloc(len, 0);
+            self.mem.write_slice(payload, data).unwrap();
+            let status = self.alloc(PCM_STATUS_SIZE as u32, 0xee);
+            let head = self.publish(
+                TX_QUEUE,
+                &[
+                    (hdr, PCM_XFER_SIZE as u32, false),
+                    (data, len, false),
+                    (status, PCM_STATUS_SIZE as u32, true),
+                ],
+            );
+            Xfer { head, data, status }
+        }
+
+        /// A capture buffer of `len` bytes, pre-filled with a pattern no
+        /// format uses as silence.
+        fn rx(&mut self, len: u32) -> Xfer {
+            let hdr = self.alloc(PCM_XFER_SIZE as u32, 0);
+            self.mem.write_obj(1u32, hdr).unwrap(); // stream 1: input
+            let data = self.alloc(len, 0x55);
+            let status = self.alloc(PCM_STATUS_SIZE as u32, 0xee);
+            let head = self.publish(
+                RX_QUEUE,
+                &[
+                    (hdr, PCM_XFER_SIZE as u32, false),
+                    (data, len, true),
+                    (status, PCM_STATUS_SIZE as u32, true),
+                ],
+            );
+            Xfer { head, data, status }
+        }
+
+        fn avail_idx(&self, q: u16) -> u16 {
+            self.mem
+                .read_obj(GuestAddress(Self::base(q) + 0x100 + 2))
+                .unwrap()
+        }
+
+        /// How many buffers the device has returned on queue `q`.
+        fn used_idx(&self, q: u16) -> u16 {
+            self.mem
+                .read_obj(GuestAddress(Self::base(q) + 0x200 + 2))
+                .unwrap()
+        }
+
+        /// The `i`th used element of queue `q`: (head, written length).
+        fn used(&self, q: u16, i: u16) -> (u32, u32) {
+            let e = Self::base(q) + 0x200 + 4 + 8 * u64::from(i % QUEUE_SIZE);
+            (
+                self.mem.read_obj(GuestAddress(e)).unwrap(),
+                self.mem.read_obj(GuestAddress(e + 4)).unwrap(),
+            )
+        }
+
+        /// With EVENT_IDX, whether the driver would notify the device after
+        /// making one more buffer available now: `vring_need_event(
+        /// avail_event, idx + 1, idx)`, true exactly when the device's
+        /// `avail_event` equals the current available index.
+        fn would_kick(&self, q: u16) -> bool {
+            let avail_event: u16 = self
+                .mem
+                .read_obj(GuestAddress(
+                    Self::base(q) + 0x200 + 4 + 8 * u64::from(QUEUE_SIZE),
+                ))
+                .unwrap();
+            avail_event == self.avail_idx(q)
+        }
+
+        /// The status code the device wrote into a transfer.
+        fn status(&self, x: &Xfer) -> u32 {
+            self.mem.read_obj(x.status).unwrap()
+        }
+
+        fn read(&self, at: GuestAddress, len: u32) -> Vec<u8> {
+            let mut v = vec![0u8; len as usize];
+            self.mem.read_slice(&mut v, at).unwrap();
+            v
+        }
+    }
+
+    /// Everything the device has sent the broker so far.
+    fn broker_msgs(broker: &mut Channel) -> Vec<DeviceMsg> {
+        let mut v = Vec::new();
+        loop {
+            match broker.try_recv::<DeviceMsg>() {
+                Ok(m) => v.push(m),
+                Err(ChannelError::WouldBlock) => return v,
+                Err(e) => panic!("the broker end could not read the device's message: {e}"),
+            }
+        }
+    }
+
+    /// The PCM bytes of the `Playback` messages among `msgs`, in order.
+    fn played(msgs: &[DeviceMsg]) -> Vec<u8> {
+        msgs.iter()
+            .filter_map(|m| match m {
+                DeviceMsg::Playback { data } => Some(data.clone()),
+                _ => None,
+            })
+            .flatten()
+            .collect()
+    }
+
+    /// A distinct, recognisable payload for buffer `n`.
+    fn payload(n: u8) -> Vec<u8> {
+        (0..PERIOD)
+            .map(|i| (i as u8).wrapping_mul(7).wrapping_add(n.wrapping_mul(31)) | 1)
+            .collect()
+    }
+
+    /// Deliver `event` to the device; returns the monotonic time just
+    /// before and just after, between which the device read its clock.
+    fn deliver(b: &mut SndBackend, vrings: &[VringRwLock], event: u16) -> (Duration, Duration) {
+        let before = monotonic();
+        b.handle_event(event, EventSet::IN, vrings, 0).unwrap();
+        (before, monotonic())
+    }
+
+    /// The worker's loop reduced to the pacing timer: wait (at most
+    /// [`PATIENCE`]) for the timer descriptor to become readable, as the
+    /// worker's epoll would, then deliver TIMER_EVENT. `None` if the timer
+    /// never fired.
+    fn on_timer(b: &mut SndBackend, vrings: &[VringRwLock]) -> Option<(Duration, Duration)> {
+        let give_up = monotonic() + PATIENCE;
+        loop {
+            let now = monotonic();
+            if now >= give_up {
+                return None;
+            }
+            let wait = PollTimeout::try_from(give_up - now).unwrap_or(PollTimeout::MAX);
+            let mut fds = [PollFd::new(b.timer.as_fd(), PollFlags::POLLIN)];
+            match poll(&mut fds, wait) {
+                Ok(n) if n > 0 => break,
+                Ok(_) | Err(nix::errno::Errno::EINTR) => continue,
+                Err(e) => panic!("poll on the pacing timer: {e}"),
+            }
+        }
+        Some(deliver(b, vrings, TIMER_EVENT))
+    }
+
+    /// Periods of the stream elapsed at `t` on a clock started at `anchor`.
+    fn periods(anchor: Duration, t: Duration) -> u16 {
+        (t.saturating_sub(anchor).as_nanos() / PERIOD_TIME.as_nanos()).min(u128::from(u16::MAX))
+            as u16
+    }
+
+    /// `done` of `total` one-period buffers were handled by an event the
+    /// device served between `before` and `after`: no buffer before its
+    /// period has passed on the stream clock, and every buffer whose period
+    /// had passed when the event came.
+    fn assert_paced(
+        what: &str,
+        done: u16,
+        total: u16,
+        anchor: Duration,
+        (before, after): (Duration, Duration),
+    ) {
+        let most = periods(anchor, after).min(total);
+        let least = periods(anchor, before).min(total);
+        assert!(
+            done <= most,
+            "{what}: {done} buffer(s) done {:?} after the stream clock started; \
+             expected at most {most} (one per {PERIOD_TIME:?})",
+            after.saturating_sub(anchor)
+        );
+        assert!(
+            done >= least,
+            "{what}: only {done} buffer(s) done {:?} after the stream clock started; \
+             expected at least {least} (one per {PERIOD_TIME:?})",
+            before.saturating_sub(anchor)
+        );
     }
 
     /// Found by the `transfer` fuzz target: an available index more than a
@@ -1098,5 +1415,408 @@ mod tests {
             rx.recv_timeout(Duration::from_secs(10)).is_ok(),
             "the control queue kick did not return within 10 s (the worker spins)"
         );
+    }
+
+    /// A 10 ms playback buffer goes back to the guest when its 10 ms have
+    /// passed on the stream clock, not on its kick; then its bytes reach the
+    /// broker.
+    #[test]
+    fn a_playback_buffer_returns_after_its_length_and_its_bytes_reach_the_broker() {
+        let (mut b, vrings, mem, mut broker) = backend_with(
+            running_model(gate(true, false), &[(0, FMT_S16)]),
+            gate(true, false),
+            paced(),
+        );
+        let mut g = Guest::new(&mem);
+        let data = payload(1);
+        let x = g.tx(&data);
+        let kick = deliver(&mut b, &vrings, TX_QUEUE);
+        let anchor = b.clocks[0]
+            .expect("the running output stream has no clock")
+            .anchor;
+        assert_paced("on the kick", g.used_idx(TX_QUEUE), 1, anchor, kick);
+        if g.used_idx(TX_QUEUE) == 0 {
+            assert_eq!(
+                broker_msgs(&mut broker),
+                vec![],
+                "the broker got messages before the buffer was played"
+            );
+        }
+        assert_eq!(
+            b.armed,
+            Some(anchor + PERIOD_TIME),
+            "the pacing timer should be set to one period after the clock's start"
+        );
+
+        let fired = on_timer(&mut b, &vrings).expect("the pacing timer did not fire within 3 s");
+        assert!(
+            fired.0 >= anchor + PERIOD_TIME,
+            "the timer fired {:?} after the clock started, before the buffer's {PERIOD_TIME:?}",
+            fired.0.saturating_sub(anchor)
+        );
+        assert_eq!(
+            g.used_idx(TX_QUEUE),
+            1,
+            "the buffer was not returned on the timer wake-up {:?} after the clock started",
+            fired.0.saturating_sub(anchor)
+        );
+        assert_eq!(
+            g.used(TX_QUEUE, 0),
+            (u32::from(x.head), PCM_STATUS_SIZE as u32),
+            "used element (head, len) of the returned buffer"
+        );
+        assert_eq!(
+            g.status(&x),
+            Status::Ok as u32,
+            "status of the returned buffer"
+        );
+        let msgs = broker_msgs(&mut broker);
+        assert!(
+            msgs.iter().all(|m| matches!(m, DeviceMsg::Playback { .. })),
+            "the broker got something other than playback: {msgs:?}"
+        );
+        assert!(
+            played(&msgs) == data,
+            "the broker got {} playback bytes, expected the buffer's {} bytes",
+            played(&msgs).len(),
+            data.len()
+        );
+    }
+
+    /// Several playback buffers published at once go back one per period,
+    /// in order, and their bytes reach the broker in order.
+    #[test]
+    fn playback_buffers_return_one_per_period_in_order() {
+        let (mut b, vrings, mem, mut broker) = backend_with(
+            running_model(gate(true, false), &[(0, FMT_S16)]),
+            gate(true, false),
+            paced(),
+        );
+        let mut g = Guest::new(&mem);
+        let payloads: Vec<Vec<u8>> = (1..=3).map(payload).collect();
+        let xs: Vec<Xfer> = payloads.iter().map(|p| g.tx(p)).collect();
+        let kick = deliver(&mut b, &vrings, TX_QUEUE);
+        let anchor = b.clocks[0]
+            .expect("the running output stream has no clock")
+            .anchor;
+        assert_paced("on the kick", g.used_idx(TX_QUEUE), 3, anchor, kick);
+
+        // An early wake-up (the worker may wake for other reasons) returns
+        // nothing that is not due.
+        let early = deliver(&mut b, &vrings, TIMER_EVENT);
+        assert_paced("early wake-up", g.used_idx(TX_QUEUE), 3, anchor, early);
+
+        let mut sent = played(&broker_msgs(&mut broker));
+        let mut wakeups = 0;
+        while g.used_idx(TX_QUEUE) < 3 {
+            let at = on_timer(&mut b, &vrings).unwrap_or_else(|| {
+                panic!(
+                    "the pacing timer did not fire within 3 s with {} of 3 buffers returned",
+                    g.used_idx(TX_QUEUE)
+                )
+            });
+            wakeups += 1;
+            let done = g.used_idx(TX_QUEUE);
+            assert_paced(&format!("timer wake-up {wakeups}"), done, 3, anchor, at);
+            // Unbatched: what was returned has been sent, nothing more.
+            sent.extend(played(&broker_msgs(&mut broker)));
+            assert!(
+                sent == payloads[..usize::from(done)].concat(),
+                "after {done} buffer(s) returned the broker got {} playback bytes that are \
+                 not those buffers' bytes in order",
+                sent.len()
+            );
+            assert!(wakeups < 100, "100 timer wake-ups for 3 buffers");
+        }
+        for (i, x) in xs.iter().enumerate() {
+            assert_eq!(
+                g.used(TX_QUEUE, i as u16).0,
+                u32::from(x.head),
+                "used element {i} is not the {i}th buffer published"
+            );
+            assert_eq!(g.status(x), Status::Ok as u32, "status of buffer {i}");
+        }
+    }
+
+    /// Capture while input is off, or with no host source: the device
+    /// fills the buffer with the stream format's silence when it is due,
+    /// and bothers the broker with nothing.
+    #[test]
+    fn capture_without_a_source_is_silence_when_due_and_not_asked_of_the_broker() {
+        for (input, host_capture) in [(false, true), (true, false)] {
+            let what = format!("input {input}, host_capture {host_capture}");
+            let gate = gate(true, input);
+            let pacing = Pacing {
+                host_capture,
+                ..paced()
+            };
+            // U16: silence is 0x8000, so it cannot be mistaken for memory
+            // left alone (the buffer is pre-filled with 0x55).
+            let (mut b, vrings, mem, mut broker) =
+                backend_with(running_model(gate, &[(1, FMT_U16)]), gate, pacing);
+            let mut g = Guest::new(&mem);
+            let x = g.rx(PERIOD);
+            let kick = deliver(&mut b, &vrings, RX_QUEUE);
+            let anchor = b.clocks[1]
+                .expect("the running input stream has no clock")
+                .anchor;
+            assert_paced(
+                &format!("{what}: on the kick"),
+                g.used_idx(RX_QUEUE),
+                1,
+                anchor,
+                kick,
+            );
+            let fired = on_timer(&mut b, &vrings)
+                .unwrap_or_else(|| panic!("{what}: the pacing timer did not fire within 3 s"));
+            assert_paced(
+                &format!("{what}: timer"),
+                g.used_idx(RX_QUEUE),
+                1,
+                anchor,
+                fired,
+            );
+            assert_eq!(
+                g.used_idx(RX_QUEUE),
+                1,
+                "{what}: the capture buffer was not returned"
+            );
+            assert_eq!(
+                g.used(RX_QUEUE, 0),
+                (u32::from(x.head), PERIOD + PCM_STATUS_SIZE as u32),
+                "{what}: used element (head, len): all PCM bytes and the status written"
+            );
+            assert_eq!(g.status(&x), Status::Ok as u32, "{what}: status");
+            let got = g.read(x.data, PERIOD);
+            let mut silence = vec![0u8; PERIOD as usize];
+            SampleFormat::U16.fill_silence(&mut silence);
+            assert!(
+                got == silence,
+                "{what}: the capture buffer does not hold U16 silence (00 80 …); it starts {:02x?}",
+                &got[..8]
+            );
+            assert_eq!(
+                broker_msgs(&mut broker),
+                vec![],
+                "{what}: the device asked the broker although the answer is silence"
+            );
+        }
+    }
+
+    /// Capture while input is on and the backend has a source: the device
+    /// asks the broker when the buffer is due, and the guest gets the
+    /// buffer back only with the broker's bytes.
+    #[test]
+    fn capture_with_input_on_asks_the_broker_when_due_and_returns_its_bytes() {
+        let gate = gate(true, true);
+        let (mut b, vrings, mem, mut broker) =
+            backend_with(running_model(gate, &[(1, FMT_S16)]), gate, paced());
+        let mut g = Guest::new(&mem);
+        let x = g.rx(PERIOD);
+        let kick = deliver(&mut b, &vrings, RX_QUEUE);
+        let anchor = b.clocks[1]
+            .expect("the running input stream has no clock")
+            .anchor;
+        let asked = |msgs: &[DeviceMsg]| {
+            msgs.iter()
+                .filter_map(|m| match m {
+                    DeviceMsg::Capture { buffer, len } => Some((*buffer, *len)),
+                    _ => None,
+                })
+                .collect::<Vec<_>>()
+        };
+        let mut requests = asked(&broker_msgs(&mut broker));
+        assert_paced(
+            "capture requests on the kick",
+            requests.len() as u16,
+            1,
+            anchor,
+            kick,
+        );
+        if requests.is_empty() {
+            let fired =
+                on_timer(&mut b, &vrings).expect("the pacing timer did not fire within 3 s");
+            requests = asked(&broker_msgs(&mut broker));
+            assert_paced(
+                "capture requests on the timer",
+                requests.len() as u16,
+                1,
+                anchor,
+                fired,
+            );
+        }
+        assert_eq!(
+            requests.len(),
+            1,
+            "one capture request for one buffer: {requests:?}"
+        );
+        let (buffer, len) = requests[0];
+        assert_eq!(len, PERIOD, "the capture request's length");
+        assert_eq!(
+            g.used_idx(RX_QUEUE),
+            0,
+            "returned before the broker answered"
+        );
+
+        // Time passing does not return it either: it waits for the broker.
+        std::thread::sleep(2 * PERIOD_TIME);
+        deliver(&mut b, &vrings, TIMER_EVENT);
+        assert_eq!(
+            g.used_idx(RX_QUEUE),
+            0,
+            "returned on a timer wake-up before the broker answered"
+        );
+        assert_eq!(broker_msgs(&mut broker), vec![], "asked the broker twice");
+
+        let data: Vec<u8> = (0..PERIOD).map(|i| (i % 251) as u8 ^ 0xa5).collect();
+        let (first, rest) = data.split_at(1000);
+        broker
+            .send(&BrokerMsg::CaptureData {
+                buffer,
+                last: false,
+                data: first.to_vec(),
+            })
+            .unwrap();
+        deliver(&mut b, &vrings, BROKER_EVENT);
+        assert_eq!(
+            g.used_idx(RX_QUEUE),
+            0,
+            "returned before the broker's last chunk"
+        );
+        broker
+            .send(&BrokerMsg::CaptureData {
+                buffer,
+                last: true,
+                data: rest.to_vec(),
+            })
+            .unwrap();
+        deliver(&mut b, &vrings, BROKER_EVENT);
+        assert_eq!(
+            g.used_idx(RX_QUEUE),
+            1,
+            "not returned after the broker's last chunk"
+        );
+        assert_eq!(
+            g.used(RX_QUEUE, 0),
+            (u32::from(x.head), PERIOD + PCM_STATUS_SIZE as u32),
+            "used element (head, len): the broker's bytes and the status"
+        );
+        assert_eq!(g.status(&x), Status::Ok as u32, "status");
+        assert!(
+            g.read(x.data, PERIOD) == data,
+            "the capture buffer does not hold the broker's bytes"
+        );
+    }
+
+    /// Unpaced (benchmarks only): a playback buffer goes back on its kick.
+    #[test]
+    fn unpaced_playback_returns_on_the_kick() {
+        let pacing = Pacing {
+            unpaced: true,
+            ..paced()
+        };
+        let (mut b, vrings, mem, mut broker) = backend_with(
+            running_model(gate(true, false), &[(0, FMT_S16)]),
+            gate(true, false),
+            pacing,
+        );
+        let mut g = Guest::new(&mem);
+        let data = payload(9);
+        let x = g.tx(&data);
+        deliver(&mut b, &vrings, TX_QUEUE);
+        assert_eq!(
+            g.used_idx(TX_QUEUE),
+            1,
+            "not returned on its kick while unpaced"
+        );
+        assert_eq!(
+            g.used(TX_QUEUE, 0),
+            (u32::from(x.head), PCM_STATUS_SIZE as u32)
+        );
+        assert_eq!(g.status(&x), Status::Ok as u32, "status");
+        assert!(
+            played(&broker_msgs(&mut broker)) == data,
+            "the broker did not get the buffer's bytes on the kick"
+        );
+        assert!(
+            g.would_kick(TX_QUEUE),
+            "unpaced, the queue's kicks should stay on"
+        );
+    }
+
+    /// While the running stream has a buffer pending the guest is told not
+    /// to kick (EVENT_IDX: avail_event is left behind), a buffer it then
+    /// publishes without a kick is still taken and returned in turn, and
+    /// once the queue is empty kicks are on again.
+    #[test]
+    fn playback_kicks_are_off_while_a_buffer_is_pending_and_on_when_the_queue_is_empty() {
+        let (mut b, vrings, mem, _broker) = backend_with(
+            running_model(gate(true, false), &[(0, FMT_S16)]),
+            gate(true, false),
+            paced(),
+        );
+        let mut g = Guest::new(&mem);
+        assert!(g.would_kick(TX_QUEUE), "a fresh queue should want kicks");
+        let first = g.tx(&payload(1));
+        let kick = deliver(&mut b, &vrings, TX_QUEUE);
+        let anchor = b.clocks[0]
+            .expect("the running output stream has no clock")
+            .anchor;
+        let pending = g.used_idx(TX_QUEUE) == 0;
+        if pending {
+            assert!(
+                !g.would_kick(TX_QUEUE),
+                "with a buffer pending the guest is still asked to kick"
+            );
+            assert!(b.kicks_off[usize::from(TX_QUEUE)], "kicks_off not set");
+        } else {
+            // The kick itself took a period (a loaded machine).
+            assert_paced("on the kick", 1, 1, anchor, kick);
+        }
+
+        // Published while kicks are off: no kick.
+        let second = g.tx(&payload(2));
+        if !pending {
+            deliver(&mut b, &vrings, TX_QUEUE);
+        }
+        let mut wakeups = 0;
+        while g.used_idx(TX_QUEUE) < 2 {
+            let at = on_timer(&mut b, &vrings).unwrap_or_else(|| {
+                panic!(
+                    "the pacing timer did not fire within 3 s with {} of 2 buffers returned \
+                     (a buffer published without a kick was not taken?)",
+                    g.used_idx(TX_QUEUE)
+                )
+            });
+            wakeups += 1;
+            let done = g.used_idx(TX_QUEUE);
+            assert_paced(&format!("timer wake-up {wakeups}"), done, 2, anchor, at);
+            if done < 2 {
+                assert!(
+                    !g.would_kick(TX_QUEUE),
+                    "with {} buffer(s) pending the guest is asked to kick",
+                    2 - done
+                );
+            }
+            assert!(wakeups < 100, "100 timer wake-ups for 2 buffers");
+        }
+        assert_eq!(g.used(TX_QUEUE, 0).0, u32::from(first.head), "first used");
+        assert_eq!(g.used(TX_QUEUE, 1).0, u32::from(second.head), "second used");
+        if pending {
+            // The timer wake-up took the unkicked buffer before returning
+            // the first: the first's status reports it queued behind.
+            let latency: u32 = mem.read_obj(first.status.unchecked_add(4)).unwrap();
+            assert_eq!(
+                latency, PERIOD,
+                "latency_bytes of the first buffer: the second ({PERIOD} bytes, published \
+                 without a kick) should have been queued when the first was returned"
+            );
+        }
+        assert!(
+            g.would_kick(TX_QUEUE),
+            "with the queue empty the guest is not asked to kick again (avail_event left behind)"
+        );
+        assert!(!b.kicks_off[usize::from(TX_QUEUE)], "kicks_off still set");
+        assert_eq!(b.armed, None, "the timer stays armed with nothing pending");
     }
 }
