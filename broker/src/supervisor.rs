@@ -128,7 +128,7 @@ impl Supervisor {
     }
 
     /// Measurement only (`--unpaced-for-benchmark`): sessions run without
-    /// real-time pacing (see [`Session::set_unpaced_for_benchmark`]).
+    /// real-time pacing or metering (see [`vsnd_ipc::Pacing::unpaced`]).
     pub fn set_unpaced_for_benchmark(&mut self, unpaced: bool) {
         self.unpaced = unpaced;
     }

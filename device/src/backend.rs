@@ -273,6 +273,12 @@ impl SndBackend {
         let Some(vring) = vrings.get(usize::from(q)) else {
             return;
         };
+        // A ring the frontend stopped (or has not started) is not touched:
+        // not even its avail_event. A transfer queue's `kicks_off` stays
+        // as it is, so that it is looked at again once it runs.
+        if !vring.get_ref().get_queue().ready() || !vring.get_ref().is_enabled() {
+            return;
+        }
         let mut idle_rounds = 0u8;
         loop {
             if self.event_idx {
@@ -879,8 +885,11 @@ impl SndBackend {
     /// A queue was stopped by the frontend (device reset, VM shutdown): its
     /// buffers are gone, and so is the stream it carried.
     fn queue_stopped(&mut self, q: u16) {
+        // Its notifications may have been left off (EVENT_IDX) and cannot be
+        // turned on while it is stopped: look at it at the next event once
+        // it runs again, which turns them on.
         if let Some(k) = self.kicks_off.get_mut(usize::from(q)) {
-            *k = false;
+            *k = true;
         }
         let dir = match q {
             TX_QUEUE => Direction::Output,
@@ -1818,5 +1827,46 @@ mod tests {
         );
         assert!(!b.kicks_off[usize::from(TX_QUEUE)], "kicks_off still set");
         assert_eq!(b.armed, None, "the timer stays armed with nothing pending");
+    }
+
+    /// Found in review: a transfer queue stopped by the frontend while its
+    /// kicks were off (EVENT_IDX told the guest not to kick) and started
+    /// again without a device reset (a VM paused and resumed) was never
+    /// looked at again: no kick, no deadline, nothing to drain it.
+    #[test]
+    fn a_queue_stopped_with_kicks_off_is_looked_at_again_once_it_runs() {
+        let (mut b, vrings, mem, _broker) = backend_with(
+            running_model(gate(true, false), &[(0, FMT_S16)]),
+            gate(true, false),
+            paced(),
+        );
+        let mut g = Guest::new(&mem);
+        for n in 1..=3 {
+            g.tx(&payload(n));
+        }
+        deliver(&mut b, &vrings, TX_QUEUE);
+        let tx = &vrings[usize::from(TX_QUEUE)];
+        // GET_VRING_BASE, then the ring set up and started again.
+        tx.set_queue_ready(false);
+        b.stop_vring(u32::from(TX_QUEUE)).unwrap();
+        tx.set_queue_ready(true);
+        let returned = g.used_idx(TX_QUEUE);
+        // The guest publishes as it was last told, without a kick, and then
+        // talks to the device on its control queue.
+        let x = g.tx(&payload(4));
+        deliver(&mut b, &vrings, CONTROL_QUEUE);
+        assert_eq!(
+            g.used_idx(TX_QUEUE),
+            returned.wrapping_add(1),
+            "the buffer published after the restart was not taken"
+        );
+        let last = g.used_idx(TX_QUEUE).wrapping_sub(1);
+        assert_eq!(g.used(TX_QUEUE, last).0, u32::from(x.head));
+        // Its stream was released with the stopped queue: refused, not lost.
+        assert_eq!(g.status(&x), Status::BadMsg as u32);
+        assert!(
+            g.would_kick(TX_QUEUE),
+            "after the restart the guest is still told not to kick"
+        );
     }
 }

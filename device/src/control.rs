@@ -15,8 +15,7 @@ pub const STREAMS: [Direction; 2] = [Direction::Output, Direction::Input];
 /// that direction through.
 pub const JACKS: [Direction; 2] = [Direction::Output, Direction::Input];
 
-/// Largest guest ring buffer accepted by SET_PARAMS.
-pub const MAX_GUEST_BUFFER_BYTES: u32 = 4 * MAX_BUFFER_BYTES;
+pub use vsnd_ipc::MAX_GUEST_BUFFER_BYTES;
 
 /// Largest control response this device ever builds (PCM/JACK/CHMAP info
 /// for every item fits far below this).

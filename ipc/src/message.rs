@@ -25,6 +25,10 @@ pub const MAX_PCM_CHUNK: usize = 32 * 1024;
 /// the broker accepts, in bytes. The Linux driver's periods are far smaller.
 pub const MAX_BUFFER_BYTES: u32 = 4 * 1024 * 1024;
 
+/// Largest guest ring buffer (`buffer_bytes` of SET_PARAMS) the device
+/// accepts and the broker believes.
+pub const MAX_GUEST_BUFFER_BYTES: u32 = 4 * MAX_BUFFER_BYTES;
+
 /// Most capture requests the broker keeps queued per stream (a virtqueue has
 /// at most this many buffers in flight).
 pub const MAX_PENDING_CAPTURE: usize = 1024;
