@@ -23,6 +23,8 @@ use vsnd_device::sandbox::{self, SeccompMode};
 const EXIT_VERSION_MISMATCH: u8 = 3;
 /// Exit status when the sandbox cannot be entered.
 const EXIT_NO_SANDBOX: u8 = 4;
+/// Exit status after a panic (Rust's own for a panicking main thread).
+const EXIT_PANIC: i32 = 101;
 
 struct Args {
     listen_fd: RawFd,
@@ -85,6 +87,16 @@ fn main() -> ExitCode {
         .write_style(env_logger::WriteStyle::Never)
         .format_timestamp_millis()
         .init();
+    // A panic ends the device (the release profile aborts; the broker
+    // starts a new one). It exits with status 101 after the panic message,
+    // as an unwinding panic would, instead of abort(), whose tgkill the
+    // sandbox refuses: the broker would report SIGSYS, as if the sandbox
+    // had stopped something.
+    let report = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        report(info);
+        std::process::exit(EXIT_PANIC);
+    }));
     let args = match parse_args() {
         Ok(a) => a,
         Err(e) => {
