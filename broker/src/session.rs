@@ -145,6 +145,39 @@ fn slack(p: &PcmParams) -> u64 {
     p.bytes_per_second() / 4
 }
 
+/// The meter of one direction: its clock while the stream runs, and up to
+/// when it was served when the clock last stopped (owed at the next START).
+#[derive(Default, Clone, Copy)]
+struct Meter {
+    clock: Option<Clock>,
+    served_until: Option<Instant>,
+}
+
+impl Meter {
+    /// START: a clock from `now` (none without parameters).
+    fn start(&mut self, now: Instant, p: Option<&PcmParams>) {
+        if let Some(p) = p {
+            self.clock = Some(Clock::start(now, self.served_until, p));
+        }
+    }
+
+    /// STOP or RELEASE: the clock stops; what it served ahead is kept.
+    fn stop(&mut self, p: Option<&PcmParams>) {
+        let served = self.clock.take().zip(p).map(|(c, p)| c.served_until(p));
+        self.served_until = match (served, self.served_until) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            (a, b) => a.or(b),
+        };
+    }
+
+    /// Nothing was waiting until `now` (see [`Clock::forget_idle`]).
+    fn forget_idle(&mut self, now: Instant, p: Option<&PcmParams>) {
+        if let (Some(clock), Some(p)) = (self.clock.as_mut(), p) {
+            clock.forget_idle(now, p, slack(p));
+        }
+    }
+}
+
 struct Chunk {
     data: Vec<u8>,
     pos: usize,
@@ -158,9 +191,7 @@ struct Playback {
     /// Consumed playback beyond the budget, waiting for it.
     queue: VecDeque<Chunk>,
     queued: usize,
-    clock: Option<Clock>,
-    /// Up to when the stream was served when its clock last stopped.
-    served_until: Option<Instant>,
+    meter: Meter,
 }
 
 struct CaptureReq {
@@ -174,9 +205,7 @@ struct Capture {
     stream: Stream,
     params: Option<PcmParams>,
     queue: VecDeque<CaptureReq>,
-    clock: Option<Clock>,
-    /// Up to when the stream was served when its clock last stopped.
-    served_until: Option<Instant>,
+    meter: Meter,
     source_open: bool,
     /// Opening the host source failed; not retried until the stream is
     /// released or input is turned off and on.
@@ -245,7 +274,7 @@ impl Session {
 
     fn playback_deadline(&self) -> Option<Instant> {
         let pb = &self.playback;
-        let (clock, params) = (pb.clock?, pb.params.as_ref()?);
+        let (clock, params) = (pb.meter.clock?, pb.params.as_ref()?);
         let first = pb.queue.front()?;
         let rest = first.data.len().saturating_sub(first.pos) as u64;
         Some(clock.when(rest, params, slack(params)))
@@ -253,7 +282,7 @@ impl Session {
 
     fn capture_deadline(&self) -> Option<Instant> {
         let cap = &self.capture;
-        let (clock, params) = (cap.clock?, cap.params.as_ref()?);
+        let (clock, params) = (cap.meter.clock?, cap.params.as_ref()?);
         let first = cap.queue.front()?;
         Some(clock.when(u64::from(first.len), params, slack(params)))
     }
@@ -437,13 +466,11 @@ impl Session {
         match (d, c) {
             (Direction::Output, PcmCommand::Start) => {
                 let pb = &mut self.playback;
-                if let Some(params) = pb.params.as_ref() {
-                    pb.clock = Some(Clock::start(now, pb.served_until, params));
-                }
+                pb.meter.start(now, pb.params.as_ref());
             }
             (Direction::Output, PcmCommand::Stop) => {
                 let pb = &mut self.playback;
-                pb.served_until = stop_clock(&mut pb.clock, pb.params.as_ref(), pb.served_until);
+                pb.meter.stop(pb.params.as_ref());
             }
             (Direction::Output, PcmCommand::Prepare) => {
                 if let Some(params) = self.playback.params {
@@ -454,21 +481,18 @@ impl Session {
             }
             (Direction::Output, PcmCommand::Release) => {
                 let pb = &mut self.playback;
-                pb.served_until = stop_clock(&mut pb.clock, pb.params.as_ref(), pb.served_until);
+                pb.meter.stop(pb.params.as_ref());
                 pb.queue.clear();
                 pb.queued = 0;
                 audio.close_output();
             }
             (Direction::Input, PcmCommand::Start) => {
                 let cap = &mut self.capture;
-                if let Some(params) = cap.params.as_ref() {
-                    cap.clock = Some(Clock::start(now, cap.served_until, params));
-                }
+                cap.meter.start(now, cap.params.as_ref());
             }
             (Direction::Input, PcmCommand::Stop) => {
                 let cap = &mut self.capture;
-                cap.served_until =
-                    stop_clock(&mut cap.clock, cap.params.as_ref(), cap.served_until);
+                cap.meter.stop(cap.params.as_ref());
                 // A paused recording does not keep the host microphone open.
                 if self.capture.source_open {
                     audio.close_capture();
@@ -478,8 +502,7 @@ impl Session {
             }
             (Direction::Input, PcmCommand::Release) => {
                 let cap = &mut self.capture;
-                cap.served_until =
-                    stop_clock(&mut cap.clock, cap.params.as_ref(), cap.served_until);
+                cap.meter.stop(cap.params.as_ref());
                 cap.queue.clear();
                 self.capture.source_failed = false;
                 if self.capture.source_open {
@@ -515,9 +538,7 @@ impl Session {
             ));
         }
         if pb.queue.is_empty() {
-            if let (Some(clock), Some(params)) = (pb.clock.as_mut(), pb.params.as_ref()) {
-                clock.forget_idle(now, params, slack(params));
-            }
+            pb.meter.forget_idle(now, pb.params.as_ref());
         }
         pb.queue.push_back(Chunk { data, pos: 0 });
         Ok(())
@@ -538,9 +559,7 @@ impl Session {
             return violation("too many capture requests");
         }
         if cap.queue.is_empty() {
-            if let (Some(clock), Some(params)) = (cap.clock.as_mut(), cap.params.as_ref()) {
-                clock.forget_idle(now, params, slack(params));
-            }
+            cap.meter.forget_idle(now, cap.params.as_ref());
         }
         cap.queue.push_back(CaptureReq { buffer, len });
         Ok(())
@@ -555,7 +574,7 @@ impl Session {
     fn tick_playback(&mut self, audio: &mut dyn Audio, now: Instant) -> Result<(), SessionError> {
         let output_on = self.gate.output;
         let pb = &mut self.playback;
-        let (Some(mut clock), Some(params)) = (pb.clock, pb.params) else {
+        let (Some(mut clock), Some(params)) = (pb.meter.clock, pb.params) else {
             return Ok(());
         };
         let mut budget = if self.pacing.unpaced {
@@ -584,13 +603,14 @@ impl Session {
                 pb.queue.pop_front();
             }
         }
-        pb.clock = Some(clock);
+        pb.meter.clock = Some(clock);
         Ok(())
     }
 
     fn tick_capture(&mut self, audio: &mut dyn Audio, now: Instant) -> Result<(), SessionError> {
         let input_on = self.gate.input;
-        let (Some(mut clock), Some(params)) = (self.capture.clock, self.capture.params) else {
+        let (Some(mut clock), Some(params)) = (self.capture.meter.clock, self.capture.params)
+        else {
             return Ok(());
         };
         let mut budget = if self.pacing.unpaced {
@@ -651,22 +671,8 @@ impl Session {
             }
             self.scratch = data;
         }
-        self.capture.clock = Some(clock);
+        self.capture.meter.clock = Some(clock);
         Ok(())
-    }
-}
-
-/// Stop a stream's clock; returns up to when the stream has been served
-/// (never earlier than `before`).
-fn stop_clock(
-    clock: &mut Option<Clock>,
-    params: Option<&PcmParams>,
-    before: Option<Instant>,
-) -> Option<Instant> {
-    let served = clock.take().zip(params).map(|(c, p)| c.served_until(p));
-    match (served, before) {
-        (Some(a), Some(b)) => Some(a.max(b)),
-        (a, b) => a.or(b),
     }
 }
 

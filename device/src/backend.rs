@@ -739,16 +739,11 @@ impl SndBackend {
 
     /// Send the consumed playback to the broker.
     fn flush_played(&mut self) {
-        if self.played.is_empty() {
-            return;
-        }
-        let played = std::mem::take(&mut self.played);
-        for chunk in played.chunks(MAX_PCM_CHUNK) {
+        for chunk in self.played.chunks(MAX_PCM_CHUNK) {
             self.send(&DeviceMsg::Playback {
                 data: chunk.to_vec(),
             });
         }
-        self.played = played;
         self.played.clear();
     }
 
@@ -1080,16 +1075,8 @@ mod tests {
     /// broker end of the channel is returned so the device never sees it
     /// gone.
     fn backend() -> (SndBackend, Vec<VringRwLock>, GuestMemoryMmap, Channel) {
-        let gate = GateState {
-            output: true,
-            input: false,
-        };
-        let pacing = Pacing {
-            unpaced: false,
-            playback_batch_ms: 0,
-            host_capture: true,
-        };
-        backend_with(SndModel::new(&caps(), gate), gate, pacing)
+        let gate = gate(true, false);
+        backend_with(SndModel::new(&caps(), gate), gate, paced())
     }
 
     /// [`backend`] with a given model, gate and pacing.
@@ -1314,6 +1301,22 @@ mod tests {
     }
 
     /// Everything the device has sent the broker so far.
+    /// The only capture buffer, `x`, came back whole: its used element
+    /// counts all its PCM bytes and the status, and the status is OK.
+    fn assert_rx_returned(g: &Guest, x: &Xfer, what: &str) {
+        assert_eq!(
+            g.used_idx(RX_QUEUE),
+            1,
+            "{what}: the capture buffer was not returned"
+        );
+        assert_eq!(
+            g.used(RX_QUEUE, 0),
+            (u32::from(x.head), PERIOD + PCM_STATUS_SIZE as u32),
+            "{what}: used element (head, len): all PCM bytes and the status written"
+        );
+        assert_eq!(g.status(x), Status::Ok as u32, "{what}: status");
+    }
+
     fn broker_msgs(broker: &mut Channel) -> Vec<DeviceMsg> {
         let mut v = Vec::new();
         loop {
@@ -1585,17 +1588,7 @@ mod tests {
                 anchor,
                 fired,
             );
-            assert_eq!(
-                g.used_idx(RX_QUEUE),
-                1,
-                "{what}: the capture buffer was not returned"
-            );
-            assert_eq!(
-                g.used(RX_QUEUE, 0),
-                (u32::from(x.head), PERIOD + PCM_STATUS_SIZE as u32),
-                "{what}: used element (head, len): all PCM bytes and the status written"
-            );
-            assert_eq!(g.status(&x), Status::Ok as u32, "{what}: status");
+            assert_rx_returned(&g, &x, &what);
             let got = g.read(x.data, PERIOD);
             let mut silence = vec![0u8; PERIOD as usize];
             SampleFormat::U16.fill_silence(&mut silence);
@@ -1700,17 +1693,7 @@ mod tests {
             })
             .unwrap();
         deliver(&mut b, &vrings, BROKER_EVENT);
-        assert_eq!(
-            g.used_idx(RX_QUEUE),
-            1,
-            "not returned after the broker's last chunk"
-        );
-        assert_eq!(
-            g.used(RX_QUEUE, 0),
-            (u32::from(x.head), PERIOD + PCM_STATUS_SIZE as u32),
-            "used element (head, len): the broker's bytes and the status"
-        );
-        assert_eq!(g.status(&x), Status::Ok as u32, "status");
+        assert_rx_returned(&g, &x, "after the broker's last chunk");
         assert!(
             g.read(x.data, PERIOD) == data,
             "the capture buffer does not hold the broker's bytes"
